@@ -1,0 +1,285 @@
+"""One shard of a dataset: plan its scenes, run render workers over what is missing, keep the index true.
+
+A dataset is ``n_frames`` frames from ``ceil(n_frames / views)`` scenes; scene ``s`` has the seed
+``scene_seed(seed, s)`` and frames ``s * views + v``. Shards are fixed slices of ``scenes_per_shard`` scenes, so
+they are independent jobs (see :mod:`render.app`): more frames means more shards, never a bigger process.
+
+Layout of a shard (everything written under a temporary name, then renamed)::
+
+    shard_00003/
+      index.jsonl            one line per complete frame: frame_id, scene_index, scene_seed, view, file, sha256
+      frames/00000042.hdf5   BlenderProc's HDF5 writer, plus our contours, boxes and camera fields
+      scenes/00000021.json   the SceneSpec, enough to re-render the scene
+      coco/images/...jpg     BlenderProc's COCO writer output, renumbered to global frame ids
+      coco_annotations.json  merged COCO annotations of the shard
+      label_check.json       open3d normal-consistency check
+      render.log             what Blender printed
+
+The index is the source of truth: on a rerun, frames listed there whose file still matches its checksum are
+kept; every other scene of the shard is rendered again.
+"""
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from render import labels
+from render.reader import read_frame, read_index
+from render.worker import PROGRESS_PREFIX, RenderSettings, sha256
+from synth.sampling import SceneSampler, scene_seed
+from synth.scene import SceneSpec
+
+
+class RenderError(RuntimeError):
+    """A worker failed; the message names the scene and the log file."""
+
+
+class DatasetMismatchError(ValueError):
+    """The output folder holds a dataset rendered with different settings."""
+
+
+def n_scenes(n_frames: int, views: int) -> int:
+    return math.ceil(n_frames / views)
+
+
+def n_shards(n_frames: int, views: int, scenes_per_shard: int) -> int:
+    return math.ceil(n_scenes(n_frames, views) / scenes_per_shard)
+
+
+def shard_scenes(shard: int, *, n_frames: int, views: int, scenes_per_shard: int) -> dict[int, list[int]]:
+    """Scene index -> global frame ids of that scene, for the scenes of ``shard``."""
+    first = shard * scenes_per_shard
+    last = min(first + scenes_per_shard, n_scenes(n_frames, views))
+    return {s: [f for f in range(s * views, (s + 1) * views) if f < n_frames] for s in range(first, last)}
+
+
+def _write_json(path: Path, data, **kwargs) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, **kwargs))
+    os.replace(tmp, path)
+
+
+def write_index(shard_dir: Path, records: dict[int, dict]) -> None:
+    """Rewrite the index atomically (a kill never leaves a torn line)."""
+    lines = "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records))
+    tmp = shard_dir / f"index.jsonl.tmp-{os.getpid()}"
+    tmp.write_text(lines)
+    os.replace(tmp, shard_dir / "index.jsonl")
+
+
+def dataset_manifest(sampler: SceneSampler, settings: RenderSettings, *, seed: int, scenes_per_shard: int) -> dict:
+    """What identifies a dataset: frames rendered with a different manifest must not be mixed into it."""
+    return {
+        "format": 1,
+        "seed": seed,
+        "scenes_per_shard": scenes_per_shard,
+        "scene": {"family": sampler.family, **dataclasses.asdict(sampler)},
+        "render": dataclasses.asdict(settings),
+        "categories": {str(k): v for k, v in sampler.categories.items()},
+        "conventions": {
+            "depth": "planar depth (z) in metres, float32; 0 = no surface",
+            "normals": "unit vectors in the OpenCV camera frame (x right, y down, z forward); 0 = no surface",
+            "contours": "uint8 {0,1}: instance boundaries or near side of depth jumps",
+            "boxes": "float32 xyxy pixels, x2/y2 exclusive, objects only (category != 0)",
+            "cam2world_blender": "4x4 camera-to-world, Blender camera (looks down -z, y up)",
+        },
+    }
+
+
+def claim_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write ``dataset.json`` or check that the existing one matches; never mixes two datasets in a folder."""
+    path = out_dir / "dataset.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        different = sorted(k for k in manifest if existing.get(k) != manifest[k])
+        if different:
+            raise DatasetMismatchError(
+                f"{path} describes a dataset rendered with different {', '.join(different)}; render into a new "
+                f"out_dir, or delete {out_dir} to start over")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, manifest, indent=2, sort_keys=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when its parent dies, so a killed run leaves no orphan writing files."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class ShardReport:
+    shard: int
+    frames: int
+    rendered_scenes: int
+    label_check: dict
+
+
+def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: str | os.PathLike, shard: int,
+                 seed: int, n_frames: int, scenes_per_shard: int, label_check_frames: int = 8,
+                 label_check_max_deg: float | None = None, verify: bool = True,
+                 progress: bool = True) -> ShardReport:
+    """Render whatever is missing from one shard.
+
+    Args:
+        sampler: Scene family sampler.
+        settings: Render settings.
+        out_dir: Dataset folder (holds ``dataset.json`` and the ``shard_*`` folders).
+        shard: Shard number.
+        seed: Dataset seed.
+        n_frames: Frames in the whole dataset.
+        scenes_per_shard: Scenes per shard.
+        label_check_frames: Frames of the shard checked with open3d (0 disables the check).
+        label_check_max_deg: Fail when the mean normal disagreement exceeds this (None: report only).
+        verify: Re-hash indexed frames to catch corrupt files before trusting them.
+        progress: Show a progress bar.
+
+    Raises:
+        SceneSamplingError, SceneConfigError: before anything is written.
+        DatasetMismatchError: ``out_dir`` holds a dataset with another seed, scene config or render settings.
+        RenderError: a worker failed (the scenes it completed are kept).
+    """
+    out_dir = Path(out_dir)
+    scenes = shard_scenes(shard, n_frames=n_frames, views=sampler.views, scenes_per_shard=scenes_per_shard)
+    if not scenes:
+        raise ValueError(f"shard {shard} is empty: {n_frames} frames make "
+                         f"{n_shards(n_frames, sampler.views, scenes_per_shard)} shard(s)")
+    # Sample every spec before touching the disk: a bad config or impossible constraint writes nothing.
+    specs = {}
+    for s in scenes:
+        s_seed = scene_seed(seed, s)
+        specs[s] = sampler.sample(np.random.default_rng(s_seed), width=settings.width, height=settings.height,
+                                  seed=s_seed)
+    claim_manifest(out_dir, dataset_manifest(sampler, settings, seed=seed, scenes_per_shard=scenes_per_shard))
+
+    shard_dir = out_dir / f"shard_{shard:05d}"
+    for sub in ("frames", "scenes", "coco/images", "coco/parts"):
+        (shard_dir / sub).mkdir(parents=True, exist_ok=True)
+    with open(shard_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RenderError(f"{shard_dir} is being rendered by another process") from None
+        _remove_stale(shard_dir)
+        records = {r["frame_id"]: r for r in read_index(shard_dir) if _intact(shard_dir, r, verify)}
+        write_index(shard_dir, records)
+        todo = [s for s, frames in scenes.items() if not all(f in records for f in frames)]
+        for s in todo:
+            specs[s].save(shard_dir / "scenes" / f"{s:08d}.json")
+
+        total = sum(len(f) for f in scenes.values())
+        with tqdm(total=total, initial=total - sum(len(scenes[s]) for s in todo), unit="frame",
+                  desc=f"shard {shard}", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), settings.recycle_every):
+                chunk = todo[start:start + settings.recycle_every]
+                tasks = [{"scene_index": s, "spec": str(shard_dir / "scenes" / f"{s:08d}.json"),
+                          "frame_ids": scenes[s]} for s in chunk]
+                for record in _run_worker(shard_dir, settings, tasks):
+                    for frame in record["frames"]:
+                        records[frame["frame_id"]] = {**frame, "scene_index": record["scene_index"],
+                                                      "scene_seed": record["scene_seed"]}
+                    write_index(shard_dir, records)
+                    bar.update(len(record["frames"]))
+
+        merge_coco(shard_dir, specs[next(iter(scenes))].categories)
+        check = check_shard_labels(shard_dir, records, n_frames=label_check_frames, seed=seed)
+        _write_json(shard_dir / "label_check.json", check, indent=2)
+    if label_check_max_deg is not None and check["mean_angle_deg"] > label_check_max_deg:
+        raise RenderError(f"{shard_dir}: rendered normals disagree with normals estimated from depth by "
+                          f"{check['mean_angle_deg']:.1f} deg on average (limit label_check.max_mean_angle_deg="
+                          f"{label_check_max_deg}); see label_check.json")
+    return ShardReport(shard=shard, frames=len(records), rendered_scenes=len(todo), label_check=check)
+
+
+def _remove_stale(shard_dir: Path) -> None:
+    """Delete temporaries a killed run left behind (we hold the shard lock, so none is in use)."""
+    import shutil
+
+    for path in list(shard_dir.rglob("*.tmp*")) + list(shard_dir.glob(".tmp-*")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _intact(shard_dir: Path, record: dict, verify: bool) -> bool:
+    path = shard_dir / record["file"]
+    if not path.is_file():
+        return False
+    return not verify or sha256(str(path)) == record["sha256"]
+
+
+def _run_worker(shard_dir: Path, settings: RenderSettings, tasks: list[dict]):
+    """Run one worker process over ``tasks``; yields its per-scene records as they complete."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=shard_dir, prefix=".tmp-job-", delete=False) as f:
+        json.dump({"shard_dir": str(shard_dir), "settings": dataclasses.asdict(settings), "tasks": tasks}, f)
+        job = f.name
+    log_path = shard_dir / "render.log"
+    error = None
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "render.worker", job], stdout=subprocess.PIPE,
+                                    stderr=log, text=True, preexec_fn=_die_with_parent)
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    message = json.loads(line[len(PROGRESS_PREFIX):])
+                    if "error" in message:
+                        error = message
+                        log.write(message["traceback"])
+                    else:
+                        yield message
+                else:
+                    log.write(line)
+            code = proc.wait()
+    finally:
+        os.unlink(job)
+    if error is not None:
+        raise RenderError(f"{error['error']} (traceback in {log_path})")
+    if code != 0:
+        raise RenderError(f"render worker exited with code {code}; see {log_path}")
+
+
+def merge_coco(shard_dir: Path, categories: dict[int, str]) -> None:
+    """Merge the per-scene COCO fragments of a shard into ``coco_annotations.json``."""
+    images, annotations = [], []
+    for part in sorted((shard_dir / "coco" / "parts").glob("*.json")):
+        data = json.loads(part.read_text())
+        images += data["images"]
+        annotations += data["annotations"]
+    coco = {
+        "info": {"description": "Synth2Real rendered shard", "version": "1"},
+        "licenses": [],
+        "categories": [{"id": k, "name": v, "supercategory": "synth2real"} for k, v in categories.items() if k],
+        "images": sorted(images, key=lambda im: im["id"]),
+        "annotations": sorted(annotations, key=lambda a: a["id"]),
+    }
+    _write_json(shard_dir / "coco_annotations.json", coco)
+
+
+def check_shard_labels(shard_dir: Path, records: dict[int, dict], *, n_frames: int, seed: int) -> dict:
+    """Open3d label check on up to ``n_frames`` frames: normals from back-projected depth vs rendered normals."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(records)[:n_frames]
+    per_frame = {}
+    for frame_id in ids:
+        frame = read_frame(shard_dir / records[frame_id]["file"])
+        # Points next to a contour have neighbourhoods straddling two surfaces.
+        near_contour = labels.instance_boundaries(frame["instance_segmaps"]) | frame["contours"].astype(bool)
+        result = labels.check_normals(frame["depth"], frame["normals"], frame["cam_K"], rng=rng,
+                                      exclude=near_contour)
+        per_frame[frame_id] = dataclasses.asdict(result)
+    means = [r["mean_angle_deg"] for r in per_frame.values() if r["n_points"]]
+    return {"mean_angle_deg": float(np.mean(means)) if means else float("nan"), "frames": per_frame}

@@ -1,0 +1,194 @@
+"""The BlenderProc render worker: a child process that renders a list of scenes into a shard, then exits.
+
+Run as ``python -m render.worker JOB.json``. The parent (:mod:`render.shard`) writes the job (scene spec paths,
+frame ids, render settings), reads progress lines from the worker's stdout, and owns the shard index. One
+worker renders many scenes (process start plus BlenderProc init costs ~3 s), and is replaced after
+``recycle_every`` scenes because Blender's memory grows with every scene it builds.
+
+Every file is written under a temporary name and renamed into place, so a kill at any moment leaves either a
+complete frame or none; frames are named by their global id, so re-rendering a scene overwrites, never
+duplicates.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from render import labels
+from synth.scene import BACKGROUND_CATEGORY, SceneSpec
+
+PROGRESS_PREFIX = "@@synth2real "
+
+
+@dataclass(kw_only=True)
+class RenderSettings:
+    """How frames are rendered (the ``render`` config group).
+
+    Args:
+        width: Image width in pixels.
+        height: Image height in pixels.
+        max_samples: Cycles samples per pixel (BlenderProc's default is 1024; 16-64 is plenty with a denoiser).
+        noise_threshold: Cycles adaptive-sampling threshold (0 disables adaptive sampling).
+        denoiser: ``"INTEL"`` (OpenImageDenoise) or ``None``.
+        threads: Cycles CPU threads (0 = all cores).
+        recycle_every: Scenes a worker process renders before it is replaced (keeps memory flat).
+        occlusion_jump: Relative depth jump that marks an occlusion contour.
+        jpeg_quality: Quality of the COCO images.
+    """
+
+    width: int = 64
+    height: int = 64
+    max_samples: int = 16
+    noise_threshold: float = 0.05
+    denoiser: str | None = "INTEL"
+    threads: int = 0
+    recycle_every: int = 100
+    occlusion_jump: float = 0.1
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        for key in ("width", "height", "max_samples", "recycle_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"render.{key}: expected a positive integer, got {value!r}")
+        if self.denoiser not in (None, "INTEL", "OPTIX"):
+            raise ValueError(f"render.denoiser: expected INTEL, OPTIX or null, got {self.denoiser!r}")
+
+
+def frame_labels(data: dict, index: int, *, fov_deg: float, width: int, height: int,
+                 occlusion_jump: float) -> dict[str, np.ndarray]:
+    """Our labels for rendered frame ``index`` of BlenderProc's ``render()`` output.
+
+    Returns the fields stored per frame: ``colors`` (H,W,3) uint8; ``depth`` (H,W) float32 planar metres, 0 for
+    no surface; ``normals`` (H,W,3) float32 unit vectors in the OpenCV camera frame (x right, y down, z
+    forward), 0 for no surface; ``category_id_segmaps`` / ``instance_segmaps`` (H,W) int32; ``contours`` (H,W)
+    uint8; ``boxes`` (N,4) float32 xyxy; ``box_category_ids`` / ``box_instance_ids`` (N,) int32;
+    ``cam_K`` (3,3) float64.
+    """
+    depth = labels.clean_depth(data["depth"][index])
+    instances = np.asarray(data["instance_segmaps"][index], dtype=np.int32)
+    categories = np.asarray(data["category_id_segmaps"][index], dtype=np.int32)
+    boxes, box_categories, box_instances = labels.boxes_from_instances(
+        instances, categories, background_categories=(BACKGROUND_CATEGORY,))
+    return {
+        "colors": np.asarray(data["colors"][index], dtype=np.uint8),
+        "depth": depth,
+        "normals": labels.decode_normals(data["normals"][index]),
+        "category_id_segmaps": categories,
+        "instance_segmaps": instances,
+        "instance_attribute_maps": data["instance_attribute_maps"][index],
+        "contours": labels.contours(instances, depth, rel_jump=occlusion_jump),
+        "boxes": boxes,
+        "box_category_ids": box_categories,
+        "box_instance_ids": box_instances,
+        "cam_K": labels.intrinsics(width, height, np.radians(fov_deg)),
+    }
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _report(message: dict) -> None:
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def render_scene(bp, builder, task: dict, settings: RenderSettings, shard_dir: str) -> dict:
+    """Render one scene task and move its files into the shard; returns the progress record."""
+    spec = SceneSpec.load(task["spec"])
+    views = len(task["frame_ids"])
+    spec.camera.poses = spec.camera.poses[:views]
+    objects = builder.build(spec)
+    data = bp.renderer.render()
+    # Poses after physics, so a frame can be re-rendered without simulating again.
+    object_poses = {o.get_name(): np.asarray(o.get_local2world_mat()).tolist() for o in objects}
+
+    tmp = os.path.join(shard_dir, f".tmp-scene-{task['scene_index']:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    per_frame = [frame_labels(data, i, fov_deg=spec.camera.fov_deg, width=settings.width,
+                              height=settings.height, occlusion_jump=settings.occlusion_jump)
+                 for i in range(views)]
+    bp.writer.write_hdf5(tmp, {key: [f[key] for f in per_frame] for key in per_frame[0]})
+    bp.writer.write_coco_annotations(
+        os.path.join(tmp, "coco"), instance_segmaps=[f["instance_segmaps"] for f in per_frame],
+        instance_attribute_maps=[f["instance_attribute_maps"] for f in per_frame],
+        colors=[f["colors"] for f in per_frame], color_file_format="JPEG", jpg_quality=settings.jpeg_quality,
+        append_to_existing_output=False)
+
+    frames = []
+    for view, frame_id in enumerate(task["frame_ids"]):
+        src = os.path.join(tmp, f"{view}.hdf5")
+        with h5py.File(src, "a") as f:
+            f.attrs.update(frame_id=frame_id, scene_index=task["scene_index"], scene_seed=spec.seed, view=view,
+                           cam2world_blender=np.asarray(spec.camera.poses[view]),
+                           object_poses=json.dumps(object_poses))
+        name = f"{frame_id:08d}.hdf5"
+        frames.append({"frame_id": frame_id, "view": view, "file": f"frames/{name}", "sha256": sha256(src)})
+        os.replace(src, os.path.join(shard_dir, "frames", name))
+
+    # COCO: BlenderProc's annotations of this scene, renumbered to global frame ids, as one fragment file.
+    with open(os.path.join(tmp, "coco", "coco_annotations.json")) as f:
+        coco = json.load(f)
+    image_ids = {}
+    for image in coco["images"]:
+        view = int(os.path.splitext(os.path.basename(image["file_name"]))[0])
+        frame_id = task["frame_ids"][view]
+        name = f"images/{frame_id:08d}.jpg"
+        os.replace(os.path.join(tmp, "coco", image["file_name"]), os.path.join(shard_dir, "coco", name))
+        image_ids[image["id"]] = frame_id
+        image.update(id=frame_id, file_name=name)
+    for k, annotation in enumerate(coco["annotations"]):
+        annotation.update(id=image_ids[annotation["image_id"]] * 1000 + k,
+                          image_id=image_ids[annotation["image_id"]])
+    fragment = os.path.join(shard_dir, "coco", "parts", f"{task['scene_index']:08d}.json")
+    with open(fragment + ".tmp", "w") as f:
+        json.dump({"images": coco["images"], "annotations": coco["annotations"]}, f)
+    os.replace(fragment + ".tmp", fragment)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"scene_index": task["scene_index"], "scene_seed": spec.seed, "frames": frames}
+
+
+def main(job_path: str) -> int:
+    with open(job_path) as f:
+        job = json.load(f)
+    settings = RenderSettings(**job["settings"])
+    shard_dir = job["shard_dir"]
+    from render.bproc_env import blenderproc
+    from render.builder import SceneBuilder
+
+    bp = blenderproc(os.path.join(shard_dir, f".tmp-blender-{os.getpid()}"))
+    bp.renderer.set_max_amount_of_samples(settings.max_samples)
+    bp.renderer.set_noise_threshold(settings.noise_threshold)
+    bp.renderer.set_denoiser(settings.denoiser)
+    bp.renderer.set_cpu_threads(settings.threads)
+    builder = SceneBuilder(bp, width=settings.width, height=settings.height)
+    for task in job["tasks"]:
+        try:
+            record = render_scene(bp, builder, task, settings, shard_dir)
+        except Exception as error:  # reported to the parent with the scene that failed, then stop
+            _report({"error": f"scene {task['scene_index']} ({task['spec']}): {error!r}",
+                     "traceback": traceback.format_exc()})
+            return 1
+        _report(record)
+    shutil.rmtree(os.path.join(shard_dir, f".tmp-blender-{os.getpid()}"), ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The bpy wheel segfaults at interpreter shutdown; every file is closed and renamed by now.
+    os._exit(code)
