@@ -42,8 +42,10 @@ __all__ = [
 _BLOB_NOISE_AMPLITUDE = 0.25  # radial bumps of the blob, relative to its radius
 _BLOB_NOISE_FREQUENCY = 1.5  # cycles of the blob's bumps across its diameter
 _NOISE_WAVES = 8  # sinusoids summed by the smooth noise
-_NOISE_MIN_TRIANGLES = 2000  # coarse meshes are midpoint-refined to this many triangles before noise
-_MIN_DECIMATION_TARGET = 4  # quadric decimation never goes below a tetrahedron
+_REFINE_MIN_TRIANGLES = (
+    1000  # coarse meshes are midpoint-refined to this many triangles before noise/smoothing
+)
+_MIN_DECIMATION_TARGET = 64  # lower decimation targets collapse thin parts (the arrow's shaft) into sheets
 _NORMAL_SMOOTHING_ITERATIONS = 5  # neighbour rings averaged into the noise displacement directions
 
 
@@ -127,16 +129,21 @@ def _smooth_noise(points: np.ndarray, frequency: float, seed: int, stream: int) 
     return waves @ weights
 
 
+def _refine(mesh: o3d.geometry.TriangleMesh) -> o3d.geometry.TriangleMesh:
+    """Midpoint-subdivides a coarse mesh (which keeps its shape) until it has enough triangles.
+
+    Noise needs vertices to move, and Taubin smoothing of a mesh as coarse as a box or a tetrahedron (where
+    every vertex neighbours almost every other) collapses it to a point instead of rounding it off.
+    """
+    while len(mesh.triangles) < _REFINE_MIN_TRIANGLES:
+        mesh = mesh.subdivide_midpoint(number_of_iterations=1)
+    return mesh
+
+
 def _displace(
     mesh: o3d.geometry.TriangleMesh, amplitude: float, frequency: float, seed: int, stream: int
 ) -> o3d.geometry.TriangleMesh:
-    """Moves every vertex along its normal by ``amplitude * radius * noise``.
-
-    Coarse meshes are first refined by midpoint subdivision (which keeps their shape) so the smooth noise
-    has vertices to act on.
-    """
-    while len(mesh.triangles) < _NOISE_MIN_TRIANGLES:
-        mesh = mesh.subdivide_midpoint(number_of_iterations=1)
+    """Moves every vertex along its (smoothed) normal by ``amplitude * radius * noise``."""
     vertices, triangles = _arrays(mesh)
     lo, hi = vertices.min(axis=0), vertices.max(axis=0)
     centre = (lo + hi) / 2.0
@@ -216,8 +223,9 @@ _ONE_SIDED_SHAPES = frozenset({"o3d_mobius"})
 class MeshDeform:
     """How a procedural mesh is varied. All plain JSON-able fields.
 
-    The steps run in this order: loop subdivision, stretch, noise displacement, Taubin smoothing, quadric
-    decimation; the result is then cleaned, oriented and normalised (see :func:`procedural_mesh`).
+    The steps run in this order: loop subdivision, stretch, midpoint refinement of coarse meshes (only when
+    noise or smoothing is on; it keeps the shape), noise displacement, Taubin smoothing, quadric decimation;
+    the result is then cleaned, oriented and normalised (see :func:`procedural_mesh`).
 
     Attributes:
         stretch: Non-uniform scale along x, y, z applied before normalisation (all > 0).
@@ -225,7 +233,7 @@ class MeshDeform:
         noise_frequency: Spatial frequency of the smooth noise, in cycles across the mesh's diameter (> 0).
             The noise is a sum of a few random sinusoids drawn from ``noise_seed``.
         subdivisions: Loop subdivision iterations, 0 to 2. Loop subdivision also rounds the shape.
-        target_triangles: Quadric decimation target triangle count (0 = keep; targets below 4 act as 4).
+        target_triangles: Quadric decimation target triangle count (0 = keep; targets below 64 act as 64).
         smooth_iterations: Taubin smoothing iterations (>= 0).
         noise_seed: Seeds the noise (and the bumps of ``o3d_blob``), so the mesh is a pure function of
             ``(shape, deform)``.
@@ -341,6 +349,17 @@ def _orient_outward(mesh: o3d.geometry.TriangleMesh) -> tuple[np.ndarray, np.nda
     return vertices, triangles
 
 
+def _normalise(vertices: np.ndarray) -> np.ndarray | None:
+    """Centres the bounding box at the origin and scales its largest side to 1; None if that is impossible."""
+    for _ in range(2):  # the second pass removes the rounding error of the first from the centre
+        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        size = float((hi - lo).max())
+        if not (math.isfinite(size) and size > 0.0):
+            return None
+        vertices = (vertices - (lo + hi) / 2.0) / size
+    return vertices
+
+
 def procedural_mesh(shape: str, deform: MeshDeform = MeshDeform()) -> tuple[np.ndarray, np.ndarray]:
     """Build the mesh.
 
@@ -370,6 +389,8 @@ def procedural_mesh(shape: str, deform: MeshDeform = MeshDeform()) -> tuple[np.n
         vertices, triangles = _arrays(mesh)
         centre = (vertices.min(axis=0) + vertices.max(axis=0)) / 2.0
         mesh = _mesh((vertices - centre) * np.asarray(deform.stretch) + centre, triangles)
+    if deform.noise_amplitude > 0.0 or deform.smooth_iterations:
+        mesh = _refine(mesh)
     if deform.noise_amplitude > 0.0:
         mesh = _displace(mesh, deform.noise_amplitude, deform.noise_frequency, deform.noise_seed, stream=0)
     if deform.smooth_iterations:
@@ -385,10 +406,9 @@ def procedural_mesh(shape: str, deform: MeshDeform = MeshDeform()) -> tuple[np.n
         vertices, triangles = _arrays(mesh)
     else:
         vertices, triangles = _orient_outward(mesh)
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    vertices = (vertices - (lo + hi) / 2.0) / float((hi - lo).max())
-    if not np.isfinite(vertices).all():
-        raise ValueError(f"procedural mesh {shape!r} with {deform!r} has non-finite vertices")
+    vertices = _normalise(vertices)
+    if vertices is None:
+        raise ValueError(f"procedural mesh {shape!r} with {deform!r} collapsed to a point or is not finite")
     return vertices, triangles
 
 

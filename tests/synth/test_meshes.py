@@ -120,22 +120,21 @@ def test_deterministic(shape: str) -> None:
     assert a[1].tobytes() == b[1].tobytes()
 
 
-def _digest(shape: str, deform: MeshDeform) -> str:
-    vertices, triangles = procedural_mesh(shape, deform)
-    return hashlib.sha256(vertices.tobytes() + triangles.tobytes()).hexdigest()
+DIGEST_CODE = """
+import hashlib, json, sys
+from synth.meshes import MeshDeform, procedural_mesh
+vertices, triangles = procedural_mesh(sys.argv[1], MeshDeform(**json.loads(sys.argv[2])))
+print(hashlib.sha256(vertices.tobytes() + triangles.tobytes()).hexdigest())
+"""
 
 
 def test_deterministic_across_processes() -> None:
     """No hidden state (hash seeds, global RNG, caches): a fresh interpreter builds the same bytes."""
     deform = dataclasses.replace(FULL_DEFORM, noise_seed=1234)
-    code = (
-        "import json, sys; from tests.synth.test_meshes import _digest; from synth.meshes import MeshDeform; "
-        "print(_digest('o3d_blob', MeshDeform(**json.loads(sys.argv[1]))))"
-    )
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(root)}
     out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(deform.to_dict())],
+        [sys.executable, "-c", DIGEST_CODE, "o3d_blob", json.dumps(deform.to_dict())],
         capture_output=True,
         text=True,
         check=True,
@@ -143,7 +142,9 @@ def test_deterministic_across_processes() -> None:
         env=env,
         timeout=60,
     )
-    assert out.stdout.strip().splitlines()[-1] == _digest("o3d_blob", deform)
+    vertices, triangles = procedural_mesh("o3d_blob", deform)
+    expected = hashlib.sha256(vertices.tobytes() + triangles.tobytes()).hexdigest()
+    assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def test_blob_depends_on_noise_seed() -> None:
@@ -173,7 +174,7 @@ def test_unknown_shape() -> None:
 def test_subdivision_increases_triangles() -> None:
     counts = [len(procedural_mesh("o3d_icosahedron", MeshDeform(subdivisions=n))[1]) for n in (0, 1, 2)]
     assert counts == [20, 80, 320]
-    # Loop subdivision rounds the shape: the icosahedron gets closer to its circumscribed sphere's volume.
+    # Loop subdivision also rounds the shape off: a box loses volume.
     volumes = [signed_volume(*procedural_mesh("o3d_box", MeshDeform(subdivisions=n))) for n in (0, 1)]
     assert volumes[1] < volumes[0]
 
@@ -211,10 +212,25 @@ def test_noise_moves_vertices_along_the_surface_normal() -> None:
 
 
 def test_smoothing_changes_the_mesh_keeps_connectivity() -> None:
-    plain = procedural_mesh("o3d_box", MeshDeform(subdivisions=1))
-    smooth = procedural_mesh("o3d_box", MeshDeform(subdivisions=1, smooth_iterations=10))
+    plain = procedural_mesh("o3d_sphere", MeshDeform(stretch=(1.0, 1.0, 2.0)))
+    smooth = procedural_mesh("o3d_sphere", MeshDeform(stretch=(1.0, 1.0, 2.0), smooth_iterations=10))
     assert np.array_equal(plain[1], smooth[1])
     assert not np.allclose(plain[0], smooth[0])
+
+
+@pytest.mark.parametrize("shape", ["o3d_box", "o3d_tetrahedron"])
+def test_smoothing_rounds_coarse_polyhedra_off_instead_of_collapsing_them(shape: str) -> None:
+    plain_volume = signed_volume(*procedural_mesh(shape))
+    vertices, triangles = procedural_mesh(shape, MeshDeform(smooth_iterations=100))
+    check_mesh(shape, vertices, triangles)
+    assert len(triangles) > 100  # refined before smoothing
+    assert signed_volume(vertices, triangles) > 0.5 * plain_volume  # rounder, so it may even grow
+
+
+def test_decimation_has_a_floor() -> None:
+    vertices, triangles = procedural_mesh("o3d_sphere", MeshDeform(target_triangles=1))
+    assert 48 <= len(triangles) <= 64
+    check_mesh("o3d_sphere", vertices, triangles)
 
 
 def test_orientation_repair() -> None:
@@ -410,8 +426,11 @@ def test_mesh_suffixes() -> None:
     [
         ("garbage.obj", np.random.default_rng(0).bytes(400)),
         ("no_faces.obj", b"v 0 0 0\nv 1 0 0\nv 0 1 0\n"),
-        ("points.ply", b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\n"
-         b"property float z\nend_header\n0 0 0\n"),
+        (
+            "points.ply",
+            b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\n"
+            b"property float z\nend_header\n0 0 0\n",
+        ),
         ("broken.glb", b"glTF\x02\x00\x00\x00junk"),
         ("empty.stl", b""),
     ],
@@ -439,7 +458,7 @@ def test_scan_empty_folder(tmp_path: Path) -> None:
 
 def test_scan_file_instead_of_folder(tmp_path: Path) -> None:
     write_box(tmp_path / "single.obj")
-    with pytest.raises(MeshFolderError, match="single.obj"):
+    with pytest.raises(MeshFolderError, match=r"single\.obj"):
         scan_mesh_folder(tmp_path / "single.obj")
     assert issubclass(MeshFolderError, ValueError)
 

@@ -1,0 +1,128 @@
+"""``synth render``: the Hydra app that renders one shard per job, and its end-of-sweep report.
+
+Shards are independent Hydra jobs: ``synth render`` sweeps ``shard=range(0, n_shards)`` through the configured
+launcher (joblib locally; ``hydra/launcher=submitit_slurm`` or ``ray`` on a cluster, from the optional
+``slurm``/``ray`` extras). Each job renders what is missing from its shard (see :mod:`render.shard`).
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig
+
+from render.reader import list_frames, read_index
+from render.shard import n_shards, render_shard
+from render.worker import RenderSettings
+from synth.config import register
+from synth.sampling import RoomScene, TabletopScene
+
+
+@dataclass
+class LabelCheck:
+    """Open3d check of rendered normals against normals estimated from depth (catches convention bugs)."""
+
+    frames: int = 8
+    max_mean_angle_deg: float = 10.0
+    fail: bool = False
+
+
+@dataclass
+class RenderApp:
+    """``synth render`` config. ``scene`` and ``render`` come from their config groups."""
+
+    scene: Any = MISSING
+    render: Any = MISSING
+    out_dir: str = "data/${hydra:runtime.choices.scene}"
+    seed: int = 0
+    n_frames: int = 16
+    scenes_per_shard: int = 50
+    shard: int | None = None
+    preview: bool = True
+    preview_frames: int = 8
+    verify: bool = True
+    label_check: LabelCheck = field(default_factory=LabelCheck)
+
+
+register("scene", "tabletop_schema", TabletopScene)
+register("scene", "room_schema", RoomScene)
+register("render", "cycles_schema", RenderSettings)
+ConfigStore.instance().store(name="render_app_schema", node=RenderApp)
+
+
+def shard_count(cfg: DictConfig) -> int:
+    return n_shards(cfg.n_frames, cfg.scene.views, cfg.scenes_per_shard)
+
+
+def render_job(cfg: DictConfig) -> dict:
+    """Render shard ``cfg.shard`` (the Hydra task function)."""
+    if cfg.shard is None:
+        raise ValueError("shard is not set: run `synth render`, which sweeps every shard, or pass shard=N")
+    sampler = instantiate(cfg.scene)
+    settings = instantiate(cfg.render)
+    report = render_shard(
+        sampler=sampler, settings=settings, out_dir=cfg.out_dir, shard=cfg.shard, seed=cfg.seed,
+        n_frames=cfg.n_frames, scenes_per_shard=cfg.scenes_per_shard,
+        label_check_frames=cfg.label_check.frames,
+        label_check_max_deg=cfg.label_check.max_mean_angle_deg if cfg.label_check.fail else None,
+        verify=cfg.verify)
+    return {"shard": report.shard, "frames": report.frames, "label_check_deg": report.label_check["mean_angle_deg"]}
+
+
+def summarize(cfg: DictConfig) -> str:
+    """A short report of the dataset folder: shards, frames, label check, where the files are."""
+    out_dir = Path(cfg.out_dir)
+    expected = shard_count(cfg)
+    lines = [f"dataset {out_dir}  ({cfg.n_frames} frames requested, {expected} shard(s))",
+             f"{'shard':>7} {'frames':>7} {'normal check (deg)':>19}"]
+    total = 0
+    for k in range(expected):
+        shard_dir = out_dir / f"shard_{k:05d}"
+        frames = len(read_index(shard_dir))
+        total += frames
+        check = shard_dir / "label_check.json"
+        angle = "-"
+        if check.exists():
+            import json
+
+            angle = f"{json.loads(check.read_text())['mean_angle_deg']:.2f}"
+        lines.append(f"{k:>7} {frames:>7} {angle:>19}")
+    lines.append(f"{'total':>7} {total:>7}")
+    if cfg.preview and total:
+        from render.preview import write_preview
+
+        path = write_preview(out_dir, out_dir / "preview.png", n_frames=cfg.preview_frames)
+        lines.append(f"preview: {path}")
+    return "\n".join(lines)
+
+
+class RenderFinished(Callback):
+    """Print the dataset summary (and write the preview grid) once every shard job has ended."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        print(summarize(config), flush=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        print(summarize(config), flush=True)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Instantiate every part and sample the first scene: a bad config fails here, before anything is written."""
+    sampler = instantiate(cfg.scene)
+    settings = instantiate(cfg.render)
+    if cfg.n_frames < 1 or cfg.scenes_per_shard < 1:
+        raise ValueError(f"n_frames and scenes_per_shard must be positive, got {cfg.n_frames} and "
+                         f"{cfg.scenes_per_shard}")
+    from synth.sampling import scene_seed
+
+    seed = scene_seed(cfg.seed, 0)
+    sampler.sample(np.random.default_rng(seed), width=settings.width, height=settings.height, seed=seed)
+    if cfg.shard is not None and not 0 <= cfg.shard < shard_count(cfg):
+        raise ValueError(f"shard={cfg.shard} is out of range: {cfg.n_frames} frames make "
+                         f"{shard_count(cfg)} shard(s) of {cfg.scenes_per_shard} scenes "
+                         f"({math.ceil(cfg.n_frames / sampler.views)} scenes)")

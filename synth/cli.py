@@ -1,0 +1,119 @@
+"""``synth``: one console script whose subcommands are Hydra apps (``synth render``, ``synth demo``).
+
+Each subcommand composes its config first and instantiates every part, so a wrong key, a wrong type, an
+unreadable mesh folder or an impossible camera constraint is reported in one line, naming the key or file,
+before anything is written. Then Hydra runs the job(s) with the configured launcher.
+"""
+
+import re
+import sys
+from collections.abc import Callable
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from synth.config import CONFIG_DIR
+from synth.meshes import MeshFolderError
+from synth.scene import SceneConfigError, SceneSamplingError
+
+USAGE = """usage: synth COMMAND [key=value ...] [hydra flags]
+
+commands:
+  render   render a labelled dataset from a scene config (one Hydra job per shard)
+  demo     the main job on a small default: render a few frames and write a preview grid
+
+examples:
+  synth render scene=room n_frames=64 out_dir=data/rooms
+  synth render --cfg job            # print the composed config
+  synth demo
+"""
+
+DOMAIN_ERRORS = (SceneConfigError, SceneSamplingError, MeshFolderError, ValueError, FileNotFoundError)
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError, *DOMAIN_ERRORS)
+
+
+class UsageError(Exception):
+    """A bad command line or config; printed as one line, exit status 2."""
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose a config as the app would see it (``hydra:`` interpolations included)."""
+    with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+        cfg = hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_hydra(config_name: str, task: Callable[[DictConfig], object], args: list[str]) -> None:
+    """Run ``task`` as the Hydra app ``config_name`` with command-line ``args``."""
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
+    argv = sys.argv
+    sys.argv = [f"synth {config_name.removeprefix('synth_')}", *args]
+    try:
+        app()
+    finally:
+        sys.argv = argv
+
+
+def _explain(error: BaseException) -> str:
+    """One readable line that names the key and the config file."""
+    while error.__cause__ is not None and isinstance(error.__cause__, DOMAIN_ERRORS):
+        error = error.__cause__  # the constructor's own message, not Hydra's wrapper around it
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    # Hydra names a config as 'group/name'; point at the file a user edits.
+    match = re.search(r"In '([\w/]+)'", text)
+    if match and (CONFIG_DIR / f"{match.group(1)}.yaml").exists():
+        text += f" (file: {CONFIG_DIR / match.group(1)}.yaml)"
+    return text
+
+
+def render(args: list[str]) -> None:
+    from render.app import check_config, render_job, shard_count
+
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    if flags:  # --cfg, --info, --help, -m ...: Hydra's own behaviour
+        run_hydra("synth_render", render_job, args)
+        return
+    try:
+        cfg = compose("synth_render", overrides)
+        check_config(cfg)
+    except CONFIG_ERRORS as error:
+        raise UsageError(_explain(error)) from error
+    if cfg.shard is not None:
+        run_hydra("synth_render", render_job, overrides)
+    else:
+        run_hydra("synth_render", render_job, ["--multirun", *overrides, f"shard=range(0,{shard_count(cfg)})"])
+
+
+def demo(args: list[str]) -> None:
+    """The small default run: a few 64 px tabletop frames and their preview grid under ``outputs/demo``."""
+    render(["out_dir=outputs/demo/data", "n_frames=8", "preview=true", *args])
+
+
+COMMANDS = {"render": render, "demo": demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"synth: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[command](args)
+    except UsageError as error:
+        print(f"synth {command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
