@@ -41,8 +41,13 @@ class SceneBuilder:
 
     # ------------------------------------------------------------------------------------------ scene
 
-    def build(self, spec: SceneSpec) -> list:
-        """Replace the current scene with ``spec``; returns the BlenderProc mesh objects in spec order."""
+    def build(self, spec: SceneSpec, *, outputs: bool = True) -> list:
+        """Replace the current scene with ``spec``; returns the BlenderProc mesh objects in spec order.
+
+        Args:
+            spec: The scene.
+            outputs: Set up the depth, normal and segmentation outputs (False: colour only, as a bare loop).
+        """
         self.bp.clean_up(clean_up_camera=False)
         self.bp.utility.reset_keyframes()
         objects = [self.add_object(o) for o in spec.objects]
@@ -55,7 +60,8 @@ class SceneBuilder:
                 min_simulation_time=min(0.5, spec.physics_max_time), max_simulation_time=spec.physics_max_time,
                 check_object_interval=0.25)
         self.set_camera(spec)
-        self._enable_outputs()
+        if outputs:
+            self._enable_outputs()
         # Cycles' sampling pattern is seeded per scene, so the same spec gives the same pixels.
         self.bpy.context.scene.cycles.seed = spec.seed % (2**31)
         return objects
@@ -78,7 +84,9 @@ class SceneBuilder:
             obj.clear_materials()
             obj.add_material(self.material(spec.material, f"{spec.name}_material"))
         if spec.physics == "active":
-            obj.enable_rigidbody(active=True, collision_shape="CONVEX_HULL", mass=1.0)
+            # Damping stops spheres rolling for ever: a settled pile is reproducible, a rolling ball is chaotic.
+            obj.enable_rigidbody(active=True, collision_shape="CONVEX_HULL", mass=1.0, friction=0.9,
+                                 angular_damping=0.6, linear_damping=0.3)
         elif spec.physics == "passive":
             obj.enable_rigidbody(active=False, collision_shape="BOX")
         return obj

@@ -44,8 +44,14 @@ __all__ = [
 ]
 
 
-def decode_normals(raw: np.ndarray) -> np.ndarray:
+def decode_normals(raw: np.ndarray, surface: np.ndarray | None = None) -> np.ndarray:
     """Decode BlenderProc's normal output to unit normals in OpenCV camera axes.
+
+    The normal pass is anti-aliased while depth and instance passes are not, so on a silhouette a pixel can
+    carry an object's depth but a normal blended with the background's zero vector. Given ``surface`` (where
+    depth is valid), every surface pixel gets a unit normal: blended vectors are renormalised (the blend keeps
+    the object's direction), and a pixel whose vector vanished takes its nearest surface neighbour's normal;
+    every other pixel is zero, so depth and normals share one validity mask.
 
     Args:
         raw: (H, W, 3) float array in [0, 1], Blender camera-axes normals encoded as ``(n + 1) / 2``.
@@ -54,7 +60,7 @@ def decode_normals(raw: np.ndarray) -> np.ndarray:
 
     Returns:
         (H, W, 3) float32. Unit vectors in OpenCV camera axes (x right, y down, z forward); exactly the zero
-        vector where the decoded vector is shorter than 0.5 (background).
+        vector where the decoded vector is shorter than 0.5 (background), or outside ``surface`` if given.
     """
     raw = np.asarray(raw)
     if raw.ndim != 3 or raw.shape[-1] != 3:
@@ -64,9 +70,20 @@ def decode_normals(raw: np.ndarray) -> np.ndarray:
     n = (2.0 * raw.astype(np.float32) - 1.0) * BLENDER_TO_OPENCV
     norm = np.linalg.norm(n, axis=-1, keepdims=True)
     # NaN norms compare False, so corrupt pixels become background rather than propagating NaN.
-    fg = norm >= _MIN_NORMAL_NORM
-    out = np.where(fg, n / np.where(fg, norm, 1.0), 0.0)
-    return out.astype(np.float32)
+    if surface is None:
+        fg = norm >= _MIN_NORMAL_NORM
+        out = np.where(fg, n / np.where(fg, norm, 1.0), 0.0)
+        return out.astype(np.float32)
+    surface = np.asarray(surface, bool)
+    fg = surface[..., None] & (norm > 1e-3)
+    out = np.where(fg, n / np.where(fg, norm, 1.0), 0.0).astype(np.float32)
+    holes = surface & ~fg[..., 0]
+    if holes.any() and fg.any():
+        from scipy import ndimage
+
+        _, (rows, cols) = ndimage.distance_transform_edt(~fg[..., 0], return_indices=True)
+        out[holes] = out[rows[holes], cols[holes]]
+    return out
 
 
 def clean_depth(depth: np.ndarray, far: float = 1e9) -> np.ndarray:

@@ -80,7 +80,7 @@ def frame_labels(data: dict, index: int, *, fov_deg: float, width: int, height: 
     return {
         "colors": np.asarray(data["colors"][index], dtype=np.uint8),
         "depth": depth,
-        "normals": labels.decode_normals(data["normals"][index]),
+        "normals": labels.decode_normals(data["normals"][index], surface=depth > 0),
         "category_id_segmaps": categories,
         "instance_segmaps": instances,
         "instance_attribute_maps": data["instance_attribute_maps"][index],

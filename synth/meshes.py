@@ -42,9 +42,7 @@ __all__ = [
 _BLOB_NOISE_AMPLITUDE = 0.25  # radial bumps of the blob, relative to its radius
 _BLOB_NOISE_FREQUENCY = 1.5  # cycles of the blob's bumps across its diameter
 _NOISE_WAVES = 8  # sinusoids summed by the smooth noise
-_REFINE_MIN_TRIANGLES = (
-    1000  # coarse meshes are midpoint-refined to this many triangles before noise/smoothing
-)
+_REFINE_MIN_TRIANGLES = 1000  # coarse meshes get midpoint-refined to this size before noise/smoothing
 _MIN_DECIMATION_TARGET = 64  # lower decimation targets collapse thin parts (the arrow's shaft) into sheets
 _NORMAL_SMOOTHING_ITERATIONS = 5  # neighbour rings averaged into the noise displacement directions
 
@@ -213,7 +211,12 @@ _GENERATORS: dict[str, Callable[[int], o3d.geometry.TriangleMesh]] = {
 }
 
 PROCEDURAL_SHAPES: tuple[str, ...] = tuple(_GENERATORS)
-"""Names accepted by :func:`procedural_mesh`, each built from ``open3d.geometry.TriangleMesh.create_*``."""
+"""Names accepted by :func:`procedural_mesh`, each built from ``open3d.geometry.TriangleMesh.create_*``.
+
+``o3d_capsule_like`` is a lifted UV sphere, ``o3d_blob`` a geodesic sphere (subdivided icosahedron) with
+smooth radial bumps drawn from ``MeshDeform.noise_seed``, ``o3d_arrow`` two closed parts (shaft and head)
+touching at one vertex, and ``o3d_mobius`` a one-sided strip; the others are the open3d primitives.
+"""
 
 _ONE_SIDED_SHAPES = frozenset({"o3d_mobius"})
 """Non-orientable surfaces: their triangles cannot be oriented consistently, so they are left as generated."""

@@ -117,7 +117,7 @@ def _number(value) -> bool:
 
 
 def _check_range(key: str, value, *, low: float | None = None, high: float | None = None,
-                 integer: bool = False) -> tuple:
+                 integer: bool = False) -> list:
     """Validate a ``[min, max]`` config pair; the error names ``scene.<key>``."""
     if not (isinstance(value, list | tuple) and len(value) == 2):
         raise SceneConfigError(f"scene.{key}: expected [min, max], got {value!r}")
@@ -131,7 +131,7 @@ def _check_range(key: str, value, *, low: float | None = None, high: float | Non
         raise SceneConfigError(f"scene.{key}: values must be >= {low}, got {value!r}")
     if high is not None and hi > high:
         raise SceneConfigError(f"scene.{key}: values must be <= {high}, got {value!r}")
-    return (int(lo), int(hi)) if integer else (float(lo), float(hi))
+    return [int(lo), int(hi)] if integer else [float(lo), float(hi)]
 
 
 def _check_scalar(key: str, value, *, low: float | None = None, high: float | None = None,
@@ -190,22 +190,24 @@ class SceneSampler:
 
     def __post_init__(self) -> None:
         _check_scalar("views", self.views, low=1, integer=True)
+        self.views = int(self.views)
         _check_scalar("fov_deg", self.fov_deg, low=1.0, high=170.0)
         _check_scalar("view_margin", self.view_margin, low=0.0, high=0.9)
-        _check_range("camera_roll_deg", self.camera_roll_deg, low=-180.0, high=180.0)
+        self.camera_roll_deg = _check_range("camera_roll_deg", self.camera_roll_deg, low=-180.0, high=180.0)
         if not isinstance(self.shapes, list | tuple) or not all(isinstance(s, str) for s in self.shapes):
             raise SceneConfigError(f"scene.shapes: expected a list of shape names, got {self.shapes!r}")
         unknown = sorted(set(self.shapes) - set(DEFAULT_SHAPES))
         if unknown:
             raise SceneConfigError(f"scene.shapes: unknown shape(s) {unknown}; choose from {list(DEFAULT_SHAPES)}")
         _check_scalar("deform_strength", self.deform_strength, low=0.0, high=3.0)
-        _check_range("object_size", self.object_size, low=1e-3)
-        _check_range("aspect", self.aspect, low=0.05, high=1.0)
+        self.object_size = _check_range("object_size", self.object_size, low=1e-3)
+        self.aspect = _check_range("aspect", self.aspect, low=0.05, high=1.0)
         _check_scalar("textured_prob", self.textured_prob, low=0.0, high=1.0)
-        _check_range("n_lights", self.n_lights, low=1, high=16, integer=True)
-        _check_range("light_energy", self.light_energy, low=0.0)
-        _check_range("world_strength", self.world_strength, low=0.0)
+        self.n_lights = _check_range("n_lights", self.n_lights, low=1, high=16, integer=True)
+        self.light_energy = _check_range("light_energy", self.light_energy, low=0.0)
+        self.world_strength = _check_range("world_strength", self.world_strength, low=0.0)
         _check_scalar("max_tries", self.max_tries, low=1, integer=True)
+        self.max_tries = int(self.max_tries)
         if self.mesh_dir is not None and not isinstance(self.mesh_dir, str | os.PathLike):
             raise SceneConfigError(f"scene.mesh_dir: expected a folder path, got {self.mesh_dir!r}")
         # Scanning validates every file now, so a bad folder fails before anything is written.
@@ -297,7 +299,10 @@ class TabletopScene(SceneSampler):
         n_objects: Range of the number of objects.
         spread: Radius of the disk (metres) in which object centres are placed.
         table_size: Side of the square support plane, metres.
-        physics: Drop the objects with random orientations and let them settle (rigid-body simulation).
+        physics: Drop the objects with random orientations and let them settle (rigid-body simulation). The
+            settled poses are stored with every frame, but are not bit-reproducible across processes:
+            Blender's Bullet orders collision pairs by memory address, and a rolling object amplifies the
+            difference. Off, objects stand upright with a random yaw and the same seed gives identical frames.
         physics_max_time: Cap on simulated seconds (a rolling sphere never counts as at rest).
         camera_distance: Range of the camera's distance to the look-at target, metres.
         camera_elevation_deg: Range of the camera's elevation above the support plane.
@@ -307,7 +312,7 @@ class TabletopScene(SceneSampler):
     n_objects: list[int] = field(default_factory=lambda: [3, 6])
     spread: float = 0.3
     table_size: float = 3.0
-    physics: bool = True
+    physics: bool = False
     physics_max_time: float = 2.0
     camera_distance: list[float] = field(default_factory=lambda: [0.6, 1.1])
     camera_elevation_deg: list[float] = field(default_factory=lambda: [25.0, 75.0])
@@ -317,14 +322,14 @@ class TabletopScene(SceneSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_range("n_objects", self.n_objects, low=1, high=100, integer=True)
+        self.n_objects = _check_range("n_objects", self.n_objects, low=1, high=100, integer=True)
         _check_scalar("spread", self.spread, low=0.0)
         _check_scalar("table_size", self.table_size, low=0.0, open_low=True)
         if not isinstance(self.physics, bool):
             raise SceneConfigError(f"scene.physics: expected true or false, got {self.physics!r}")
         _check_scalar("physics_max_time", self.physics_max_time, low=0.0, open_low=True)
-        _check_range("camera_distance", self.camera_distance, low=0.05)
-        _check_range("camera_elevation_deg", self.camera_elevation_deg, low=1.0, high=90.0)
+        self.camera_distance = _check_range("camera_distance", self.camera_distance, low=0.05)
+        self.camera_elevation_deg = _check_range("camera_elevation_deg", self.camera_elevation_deg, low=1.0, high=90.0)
         _check_scalar("target_jitter", self.target_jitter, low=0.0)
         if self.spread + self.object_size[1] > self.table_size / 2:
             raise SceneConfigError(
@@ -445,12 +450,12 @@ class RoomScene(SceneSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_range("room_size", self.room_size, low=1.0)
-        _check_range("room_height", self.room_height, low=1.0)
-        _check_range("n_furniture", self.n_furniture, low=0, high=50, integer=True)
-        _check_range("furniture_size", self.furniture_size, low=0.05)
-        _check_range("n_objects", self.n_objects, low=0, high=100, integer=True)
-        _check_range("camera_height", self.camera_height, low=0.05)
+        self.room_size = _check_range("room_size", self.room_size, low=1.0)
+        self.room_height = _check_range("room_height", self.room_height, low=1.0)
+        self.n_furniture = _check_range("n_furniture", self.n_furniture, low=0, high=50, integer=True)
+        self.furniture_size = _check_range("furniture_size", self.furniture_size, low=0.05)
+        self.n_objects = _check_range("n_objects", self.n_objects, low=0, high=100, integer=True)
+        self.camera_height = _check_range("camera_height", self.camera_height, low=0.05)
         _check_scalar("min_view_distance", self.min_view_distance, low=0.0)
         if self.camera_height[1] >= self.room_height[0]:
             raise SceneConfigError(f"scene.camera_height: max {self.camera_height[1]} m is not below the lowest "

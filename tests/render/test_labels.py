@@ -359,3 +359,20 @@ def test_check_normals_subsampling_background_and_empty():
     empty = check_normals(np.zeros((H, W)), normals, K)
     assert empty.n_points == 0
     assert math.isnan(empty.mean_angle_deg) and math.isnan(empty.median_angle_deg)
+
+
+def test_decode_normals_with_surface_mask_keeps_depth_and_normals_consistent():
+    """Anti-aliased silhouette pixels: blended normals are renormalised, vanished ones filled from a neighbour."""
+    n_blender = np.zeros((4, 4, 3), np.float32)
+    n_blender[:, :2] = [0.0, 0.0, 1.0]           # object facing the camera (Blender axes)
+    n_blender[1, 2] = [0.0, 0.0, 0.3]           # blended with the background: shorter, same direction
+    raw = (n_blender + 1.0) / 2.0               # (background decodes to zero)
+    surface = np.zeros((4, 4), bool)
+    surface[:, :2] = True
+    surface[1, 2] = True                         # depth says object here
+    surface[2, 2] = True                         # depth says object, normal vanished entirely
+    out = decode_normals(raw, surface=surface)
+    np.testing.assert_allclose(out[1, 2], [0.0, 0.0, -1.0])
+    np.testing.assert_allclose(out[2, 2], [0.0, 0.0, -1.0])
+    assert (np.linalg.norm(out[surface], axis=-1) > 0.999).all()
+    assert (out[~surface] == 0).all()
