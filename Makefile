@@ -16,7 +16,7 @@ export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 PYTEST_PLUGINS := -p hypothesis -p pytest_timeout
 SYNTH := $(BIN)/synth
 
-.PHONY: setup system-libs demo test test-all bench lint clean
+.PHONY: setup system-libs demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,8 @@ demo: setup
 	$(SYNTH) demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_PLUGINS) -q
-
-test-all: setup
-	$(BIN)/python -m pytest $(PYTEST_PLUGINS) -q --run-slow
 
 bench: setup
 	$(BIN)/python bench/render_worker.py

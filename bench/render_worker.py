@@ -21,10 +21,10 @@ three ways, each timed as the wall time of everything it starts (process start a
 
 Then the worker's resident memory over a long run: ``--rss-frames`` frames at 64 px rendered by
 ``render_shard`` once with the worker recycled every ``--recycle-every`` scenes and once without recycling. A
-thread samples the summed ``VmRSS`` of this process's descendants (the worker) from ``/proc`` every 0.5 s; the
-growth is the last sample vs the first sample taken after the first frame was written (i.e. after process
-start, init and the first scene), and the maximum over the run is printed too (target: growth within 10% with
-recycling).
+thread samples the ``VmRSS`` of the worker process tree (children of this process running ``render.worker``)
+from ``/proc`` every 0.5 s; the growth is the last sample vs the first sample taken after the first frame was
+written (i.e. after process start, init and the first scene), and the maximum over the run is printed too
+(target: growth within 10% with recycling).
 
 Cycles timings vary about ±50% between runs on a busy machine (see DESIGN.md); ``--repeats`` renders each
 way several times in rotated order and compares the medians. The CPU seconds (user + sys) of the child
@@ -135,18 +135,35 @@ def _rss_bytes(pid: int) -> int:
     return 0  # ended, or a zombie (no VmRSS line)
 
 
-def descendants_rss(root: int) -> tuple[int, list[int]]:
-    """Summed ``VmRSS`` in bytes of every descendant of ``root`` (not ``root`` itself), and their pids."""
-    tree, pids, frontier = _children(), [], [root]
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"render.worker" in f.read()
+    except OSError:
+        return False
+
+
+def worker_rss(root: int) -> tuple[int, list[int]]:
+    """Summed ``VmRSS`` in bytes of the render workers among ``root``'s children and of their descendants.
+
+    Only children that run ``render.worker`` count: a child forked by ``subprocess`` but not yet exec'd is a
+    copy of this process.
+
+    Returns:
+        The summed RSS and the pids counted.
+    """
+    tree = _children()
+    frontier = [p for p in tree.get(root, []) if _is_worker(p)]
+    pids = []
     while frontier:
-        kids = tree.get(frontier.pop(), [])
-        pids += kids
-        frontier += kids
+        pid = frontier.pop()
+        pids.append(pid)
+        frontier += tree.get(pid, [])
     return sum(_rss_bytes(p) for p in pids), pids
 
 
 class RssSampler:
-    """Samples the RSS of this process's descendants from a thread every ``interval`` seconds.
+    """Samples the RSS of the render workers this process started, from a thread every ``interval`` seconds.
 
     Args:
         frames_dir: Folder whose ``*.hdf5`` count tells how many frames were written when a sample is taken.
@@ -169,7 +186,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, pids = descendants_rss(os.getpid())
+            rss, pids = worker_rss(os.getpid())
             frames = len(list(self.frames_dir.glob("*.hdf5"))) if self.frames_dir.is_dir() else 0
             if pids:
                 self.samples.append((time.perf_counter(), rss, frames, tuple(pids)))

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
-from render.reader import list_frames, read_index
+from render.reader import read_index
 from render.shard import n_shards, render_shard
 from render.worker import RenderSettings
 from synth.config import register

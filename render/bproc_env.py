@@ -33,13 +33,16 @@ def blenderproc(temp_dir: str | None = None) -> SimpleNamespace:
         return _BPROC
     os.environ.setdefault("OUTSIDE_OF_THE_INTERNAL_BLENDER_PYTHON_ENVIRONMENT_BUT_IN_RUN_SCRIPT", "1")
     import bpy
+
+    # BlenderProc 2.8's HDF5 writer stamps its version with np.string_, an alias that NumPy 2 removed.
+    import numpy as np
     from blenderproc.api import (
         camera,
         lighting,
         loader,
         material,
         math,
-        object,  # noqa: A004 - BlenderProc's module name
+        object,
         renderer,
         types,
         utility,
@@ -50,9 +53,6 @@ def blenderproc(temp_dir: str | None = None) -> SimpleNamespace:
     from blenderproc.python.utility.GlobalStorage import GlobalStorage
     from blenderproc.python.utility.Initializer import _Initializer, clean_up
     from blenderproc.python.utility.SetupUtility import SetupUtility
-
-    # BlenderProc 2.8's HDF5 writer stamps its version with np.string_, an alias that NumPy 2 removed.
-    import numpy as np
 
     if not hasattr(np, "string_"):
         np.string_ = np.bytes_

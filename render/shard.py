@@ -40,7 +40,6 @@ from render import labels
 from render.reader import read_frame, read_index
 from render.worker import PROGRESS_PREFIX, RenderSettings, sha256
 from synth.sampling import SceneSampler, scene_seed
-from synth.scene import SceneSpec
 
 
 class RenderError(RuntimeError):

@@ -63,7 +63,10 @@ def _explain(error: BaseException) -> str:
     """One readable line that names the key and the config file."""
     while error.__cause__ is not None and isinstance(error.__cause__, DOMAIN_ERRORS):
         error = error.__cause__  # the constructor's own message, not Hydra's wrapper around it
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = str(error)
+    if error.__cause__ is not None and str(error.__cause__) not in text:
+        text = f"{text}: {error.__cause__}"  # e.g. Hydra's "Could not override" and OmegaConf's reason why
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     # Hydra names a config as 'group/name'; point at the file a user edits.
     match = re.search(r"In '([\w/]+)'", text)
     if match and (CONFIG_DIR / f"{match.group(1)}.yaml").exists():

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -150,7 +149,7 @@ def test_kill_and_resume_leaves_every_frame_exactly_once(rendered, tmp_path):
     # A corrupt frame is detected by its checksum and rendered again; the others are kept untouched.
     victim = shard / "frames" / "00000005.hdf5"
     victim.write_bytes(victim.read_bytes()[:100])
-    with pytest.raises(CorruptFrameError, match="00000005.hdf5"):
+    with pytest.raises(CorruptFrameError, match=r"00000005\.hdf5"):
         read_frame(victim)
     kept = {p.name: p.stat().st_mtime_ns for p in (shard / "frames").iterdir() if p.name[:8] not in ("00000004",
                                                                                                        "00000005")}
@@ -189,3 +188,16 @@ def test_physics_drop_settles_objects_on_the_table(tmp_path):
         assert 0.0 < z < max(obj.size), f"{obj.name} rests on the table (centre at z={z:.3f})"
         moved = np.abs(poses[obj.name][:2, 3] - obj.location[:2]).max()
         assert moved < 0.3, f"{obj.name} stayed near where it was dropped"
+
+
+def test_shards_are_parallel_hydra_jobs(rendered, tmp_path):
+    out = tmp_path / "sharded"
+    result = synth("render", f"out_dir={out}", "n_frames=4", *COMMON, "scenes_per_shard=1",
+                   "hydra.launcher.n_jobs=2", "render.threads=1", "preview=false", cwd=tmp_path)
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001"]
+    assert [r["frame_id"] for shard, r in list_frames(out)] == [0, 1, 2, 3]
+    assert "total       4" in result.stdout
+    # The same frames as the single-shard dataset: sharding does not change what is rendered.
+    for a, b in zip(frames_of(rendered / "a"), frames_of(out), strict=True):
+        np.testing.assert_array_equal(a["colors"], b["colors"])

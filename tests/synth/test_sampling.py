@@ -144,7 +144,7 @@ def test_mesh_folder_errors_name_the_folder_or_file(tmp_path):
     bad = tmp_path / "meshes"
     bad.mkdir()
     (bad / "broken.obj").write_text("this is not a mesh\n")
-    with pytest.raises(MeshFolderError, match="broken.obj"):
+    with pytest.raises(MeshFolderError, match=r"broken\.obj"):
         TabletopScene(mesh_dir=str(bad))
 
 
