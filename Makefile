@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 10000000000
 export MALLOC_TOP_PAD_ ?= 1000000000
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
-PYTEST_PLUGINS := -p hypothesis -p pytest_timeout
+PYTEST_PLUGINS := -p hypothesis -p pytest_timeout --timeout=900
 SYNTH := $(BIN)/synth
 
 .PHONY: setup system-libs demo test bench lint clean

@@ -174,15 +174,30 @@ def test_frame_files_carry_camera_and_scene_attributes(rendered):
         assert "table" in poses
 
 
-def test_physics_drop_settles_objects_on_the_table(tmp_path):
-    out = tmp_path / "physics"
-    synth("render", f"out_dir={out}", "n_frames=1", *COMMON, "scene.physics=true", "label_check.frames=1",
-          "preview=false", cwd=tmp_path)
+def test_user_meshes_dropped_with_physics_settle_on_the_table(tmp_path):
+    """User mesh files go through BlenderProc's loaders, keep their folder's category, and settle under Bullet."""
+    import open3d as o3d
+
     from synth.scene import SceneSpec
 
+    meshes = tmp_path / "meshes"
+    (meshes / "ring").mkdir(parents=True)
+    (meshes / "crate").mkdir(parents=True)
+    o3d.io.write_triangle_mesh(str(meshes / "ring" / "ring.ply"), o3d.geometry.TriangleMesh.create_torus())
+    box = o3d.geometry.TriangleMesh.create_box(2.0, 1.0, 0.5)
+    box.compute_vertex_normals()
+    o3d.io.write_triangle_mesh(str(meshes / "crate" / "crate.obj"), box)
+    out = tmp_path / "physics"
+    synth("render", f"out_dir={out}", "n_frames=1", *COMMON, "scene.physics=true", f"scene.mesh_dir={meshes}",
+          "scene.shapes=[]", "scene.n_objects=[4,4]", "label_check.frames=1", "preview=false", cwd=tmp_path)
+
     spec = SceneSpec.load(out / "shard_00000" / "scenes" / "00000000.json")
-    with h5py.File(out / "shard_00000" / "frames" / "00000000.hdf5") as f:
-        poses = {k: np.asarray(v) for k, v in json.loads(f.attrs["object_poses"]).items()}
+    user_categories = {k for k, v in spec.categories.items() if v in ("ring", "crate")}
+    assert len(user_categories) == 2
+    assert all(o.shape.source == "file" and o.category_id in user_categories for o in spec.objects[1:])
+    frame = read_frame(out / "shard_00000" / "frames" / "00000000.hdf5")
+    assert set(frame["box_category_ids"].tolist()) <= user_categories and len(frame["boxes"]) > 0
+    poses = {k: np.asarray(v) for k, v in json.loads(frame["attrs"]["object_poses"]).items()}
     for obj in spec.objects[1:]:
         z = poses[obj.name][2, 3]
         assert 0.0 < z < max(obj.size), f"{obj.name} rests on the table (centre at z={z:.3f})"
