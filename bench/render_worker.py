@@ -13,8 +13,8 @@ three ways, each timed as the wall time of everything it starts (process start a
    ``scene.frame_set(view)`` and ``bpy.ops.render.render(write_still=True)`` to a PNG per frame: no
    BlenderProc ``render()``, no extra passes, no writers. ``ours / bare`` is the overhead of our worker
    (target >= 0.9). ``--bare-render animation`` renders each scene's poses with one
-   ``render(animation=True)`` call instead (how BlenderProc renders), a stricter floor: one render call per
-   frame re-evaluates the render depsgraph and restarts Cycles every frame.
+   ``render(animation=True)`` call instead (how BlenderProc renders), which saves the per-call overhead of
+   one render call per frame (measured small: within the run-to-run noise at 128 and 256 px).
 3. **one process per scene**: ``render_shard`` with ``recycle_every=1``, i.e. what ``blenderproc run`` once
    per scene costs (process start + init per scene); ``ours / per-process`` is the gain of a long-lived
    worker (target >= 2).
@@ -24,11 +24,16 @@ Then the worker's resident memory over a long run: ``--rss-frames`` frames at 64
 thread samples the ``VmRSS`` of the worker process tree (children of this process running ``render.worker``)
 from ``/proc`` every 0.5 s; the growth is the last sample vs the first sample taken after the first frame was
 written (i.e. after process start, init and the first scene), and the maximum over the run is printed too
-(target: growth within 10% with recycling).
+(target: growth within 10% with recycling). With the defaults (200 frames = 100 scenes, recycling every 100)
+no worker is replaced, so one run serves both; ``--rss-frames 1000`` compares them.
+
+The colours ``render_shard`` stored are compared with the bare loop's PNGs: same scenes, seeds and settings
+give identical pixels, and a difference (printed as a WARNING) means the two timings are not of the same
+render.
 
 Cycles timings vary about ±50% between runs on a busy machine (see DESIGN.md); ``--repeats`` renders each
-way several times in rotated order and compares the medians. The CPU seconds (user + sys) of the child
-processes are printed beside the wall times: they suffer less from other load on the machine.
+way several times in rotated order and compares the medians. The CPU seconds (user + sys) of this process and
+its children are printed beside the wall times: they suffer less from other load on the machine.
 
 Run (about 5 minutes with the defaults on 2 CPU cores)::
 
@@ -206,17 +211,20 @@ class RssSampler:
 
 
 class Timed:
-    """Wall time and the CPU time (user + sys) of the child processes that ended inside the ``with`` block."""
+    """Wall time, and CPU time (user + sys) of this process plus of the children that ended in the block."""
+
+    @staticmethod
+    def _cpu_now() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
 
     def __enter__(self) -> "Timed":
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self._cpu, self._wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
+        self._cpu, self._wall = self._cpu_now(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self._wall
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.cpu = usage.ru_utime + usage.ru_stime - self._cpu
+        self.cpu = self._cpu_now() - self._cpu
 
 
 def _settings(resolution: int, recycle_every: int):
@@ -281,6 +289,39 @@ def check_same_scenes(spec_paths: list[str], shard_dir: Path) -> None:
             raise RuntimeError(f"{path} differs from the scene render_shard rendered")
 
 
+def compare_pixels(shard_dir: Path, bare_dir: Path, *, scenes: int, views: int) -> dict:
+    """Compare the colours ``render_shard`` stored with the bare loop's PNGs of the same frames.
+
+    The two render the same scenes with the same seeds and settings, so they should agree to the last bit; if
+    they do not, the timings do not compare like with like (e.g. one of them skipped the denoiser).
+
+    Returns:
+        ``identical`` (frames with equal pixels), ``frames``, ``mean_abs_diff`` (0-255 scale) and ``noise_ratio``
+        (mean absolute Laplacian of ours over that of bare: > 1 means ours is grainier).
+    """
+    import cv2
+    import png  # pypng: cv2.imread warns about the duplicate eXIf chunk that Blender writes
+
+    from render.reader import read_frame
+
+    def noise(image: np.ndarray) -> float:
+        grey = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2GRAY)
+        return float(np.abs(cv2.Laplacian(grey, cv2.CV_32F)).mean())
+
+    identical, diffs, ours_noise, bare_noise = 0, [], 0.0, 0.0
+    for s in range(scenes):
+        pngs = sorted(bare_dir.glob(f"{s:04d}_*.png"))
+        for view, path in enumerate(pngs[:views]):
+            ours = read_frame(shard_dir / "frames" / f"{s * views + view:08d}.hdf5")["colors"].astype(np.int16)
+            width, height, rows, _ = png.Reader(filename=str(path)).asRGB8()
+            bare = np.vstack([np.asarray(row, np.int16) for row in rows]).reshape(height, width, 3)
+            identical += bool(np.array_equal(ours, bare))
+            diffs.append(float(np.abs(ours - bare).mean()))
+            ours_noise, bare_noise = ours_noise + noise(ours), bare_noise + noise(bare)
+    return {"identical": identical, "frames": len(diffs), "mean_abs_diff": float(np.mean(diffs)),
+            "noise_ratio": ours_noise / max(bare_noise, 1e-9)}
+
+
 def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repeats: int,
                      bare_mode: str) -> dict:
     """Time the three ways on the same scenes, ``repeats`` times in rotated order.
@@ -314,14 +355,23 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
         "cpu": {way: [t.cpu for t in r] for way, r in runs.items()},
         "fps": {way: frames / statistics.median(t.wall for t in r) for way, r in runs.items()},
         "cpu_per_frame": {way: statistics.median(t.cpu for t in r) / frames for way, r in runs.items()},
+        "pixels": compare_pixels(root / "ours_0" / "shard_00000", root / "bare_0", scenes=scenes,
+                                 views=sampler.views),
     }
 
 
 def bench_rss(sampler, root: Path, *, frames: int, recycle_every: int) -> dict:
-    """RSS of the worker over ``frames`` frames at 64 px, with and without recycling."""
+    """RSS of the worker over ``frames`` frames at 64 px, with and without recycling.
+
+    When the run has no more than ``recycle_every`` scenes no worker is replaced, so the two configurations are
+    the same and one run serves both.
+    """
     scenes = -(-frames // sampler.views)
     result = {}
     for name, every in (("recycling", recycle_every), ("no_recycling", NO_RECYCLING)):
+        if name == "no_recycling" and scenes <= recycle_every:
+            result[name] = result["recycling"]
+            break
         out_dir = root / f"rss_{name}"
         with RssSampler(out_dir / "shard_00000" / "frames") as rss:
             timed = run_ours(sampler, out_dir, resolution=RSS_RESOLUTION, scenes=scenes, recycle_every=every)
@@ -346,6 +396,13 @@ def print_resolution(resolution: int, result: dict, bare_mode: str) -> None:
     print(f"  CPU s/frame (less sensitive to other load): ours {cpu['ours']:.2f} | bare {cpu['bare']:.2f} | "
           f"per-process {cpu['per_process']:.2f}  -> ours/bare {cpu['bare'] / cpu['ours']:.2f}x, "
           f"ours/per-process {cpu['per_process'] / cpu['ours']:.2f}x")
+    px = result["pixels"]
+    if px["identical"] == px["frames"]:
+        print(f"  same pixels: ours == bare on {px['identical']}/{px['frames']} frames")
+    else:
+        print(f"  WARNING: ours and bare differ on {px['frames'] - px['identical']}/{px['frames']} frames "
+              f"(mean |diff| {px['mean_abs_diff']:.2f}/255, ours {px['noise_ratio']:.2f}x as grainy): the "
+              "timings do not compare the same render (a missing denoiser makes ours grainier and faster)")
     if len(result["wall"]["ours"]) > 1:
         for way, seconds in result["wall"].items():
             print(f"    {way:12s} wall s: {', '.join(f'{s:.1f}' for s in seconds)}")
@@ -361,8 +418,8 @@ def print_rss(result: dict, recycle_every: int) -> None:
           f"{line(result['recycling'])} with recycling every {recycle_every} scenes; "
           f"{line(result['no_recycling'])} without  (target: within 10% with recycling)")
     if result["scenes"] <= recycle_every:
-        print(f"  note: {result['scenes']} scenes <= recycle_every={recycle_every}: no worker was replaced, "
-              "so both runs had the same configuration")
+        print(f"  note: {result['scenes']} scenes <= recycle_every={recycle_every}: no worker is replaced, "
+              "so one run serves both configurations (use --rss-frames > views * recycle_every to compare)")
     sys.stdout.flush()
 
 

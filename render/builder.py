@@ -38,6 +38,7 @@ class SceneBuilder:
         self.bpy = bproc.bpy
         self.width, self.height = width, height
         self._outputs_enabled = False
+        self._normal_nodes: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ scene
 
@@ -193,24 +194,13 @@ class SceneBuilder:
         for index, obj in enumerate(get_all_blender_mesh_objects()):
             obj.pass_index = index + 1
         # The normals output bakes the camera rotations of the current poses into compositor keyframes, and
-        # the compositor tree outlives clean_up: drop the previous scene's nodes or every scene gets the first
+        # the compositor tree outlives clean_up: drop the previous scene's normal nodes (exactly those the last
+        # call created: the denoiser also reads the Normal pass and must stay) or every scene gets the first
         # scene's cameras.
-        self._remove_normal_nodes()
-        renderer.enable_normals_output()
-
-    def _remove_normal_nodes(self) -> None:
         tree = self.bpy.context.scene.node_tree
-        if tree is None:
-            return
-        layer = next((n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers"), None)
-        if layer is None or "Normal" not in layer.outputs:
-            return
-        doomed, frontier = set(), [link.to_node for link in layer.outputs["Normal"].links]
-        while frontier:
-            node = frontier.pop()
-            if node.name in doomed:
-                continue
-            doomed.add(node.name)
-            frontier += [link.to_node for output in node.outputs for link in output.links]
-        for name in doomed:
-            tree.nodes.remove(tree.nodes[name])
+        for name in self._normal_nodes:
+            if name in tree.nodes:
+                tree.nodes.remove(tree.nodes[name])
+        before = {node.name for node in tree.nodes}
+        renderer.enable_normals_output()
+        self._normal_nodes = {node.name for node in self.bpy.context.scene.node_tree.nodes} - before

@@ -24,6 +24,7 @@ USAGE = """usage: synth COMMAND [key=value ...] [hydra flags]
 
 commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
+  pretrain train one backbone on several objectives (depth, normal, contour heads ...); torchrun for DDP
   demo     the main job on a small default: render a few frames and write a preview grid
 
 examples:
@@ -74,23 +75,36 @@ def _explain(error: BaseException) -> str:
     return text
 
 
+def checked(config_name: str, args: list[str], check: Callable[[DictConfig], object]) -> DictConfig | None:
+    """Compose the config and run ``check`` on it; any config error becomes a one-line :class:`UsageError`.
+
+    Returns None when ``args`` carry Hydra flags (--cfg, --info, --help, -m): Hydra then handles them itself.
+    """
+    if any(a.startswith("-") for a in args):
+        return None
+    try:
+        cfg = compose(config_name, args)
+        check(cfg)
+    except CONFIG_ERRORS as error:
+        raise UsageError(_explain(error)) from error
+    return cfg
+
+
 def render(args: list[str]) -> None:
     from render.app import check_config, render_job, shard_count
 
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    if flags:  # --cfg, --info, --help, -m ...: Hydra's own behaviour
+    cfg = checked("synth_render", args, check_config)
+    if cfg is None or cfg.shard is not None:
         run_hydra("synth_render", render_job, args)
-        return
-    try:
-        cfg = compose("synth_render", overrides)
-        check_config(cfg)
-    except CONFIG_ERRORS as error:
-        raise UsageError(_explain(error)) from error
-    if cfg.shard is not None:
-        run_hydra("synth_render", render_job, overrides)
     else:
-        run_hydra("synth_render", render_job, ["--multirun", *overrides, f"shard=range(0,{shard_count(cfg)})"])
+        run_hydra("synth_render", render_job, ["--multirun", *args, f"shard=range(0,{shard_count(cfg)})"])
+
+
+def pretrain(args: list[str]) -> None:
+    from synth.pretrain import check_config, pretrain_job
+
+    checked("synth_pretrain", args, check_config)
+    run_hydra("synth_pretrain", pretrain_job, args)
 
 
 def demo(args: list[str]) -> None:
@@ -98,7 +112,7 @@ def demo(args: list[str]) -> None:
     render(["out_dir=outputs/demo/data", "n_frames=8", "preview=true", *args])
 
 
-COMMANDS = {"render": render, "demo": demo}
+COMMANDS = {"render": render, "pretrain": pretrain, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ OmegaConf rejects a wrong type, both naming the full key.
 """
 
 import dataclasses
+import inspect
+import typing
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -15,25 +17,52 @@ from hydra.core.config_store import ConfigStore
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def schema(cls: type) -> type:
-    """A structured-config dataclass whose fields are ``cls``'s dataclass fields plus ``_target_``.
+def _constructor_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
+    """(name, type, field) for each keyword argument of ``cls`` (a dataclass, or any class's ``__init__``)."""
+    if dataclasses.is_dataclass(cls):
+        out = []
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default = (dataclasses.field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+            out.append((f.name, f.type, default))
+        return out
+    hints = typing.get_type_hints(cls.__init__)
+    out = []
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is inspect.Parameter.empty:
+            raise TypeError(f"{cls.__qualname__}.__init__ argument {name!r} needs a default to be configurable")
+        default = parameter.default
+        if isinstance(default, tuple):  # OmegaConf stores sequences as lists
+            default = list(default)
+        factory = (lambda value=default: list(value)) if isinstance(default, list) else None
+        field = dataclasses.field(default_factory=factory) if factory else dataclasses.field(default=default)
+        kind = hints.get(name, typing.Any)
+        if typing.get_origin(kind) is tuple:
+            kind = list[typing.get_args(kind)[0]] if typing.get_args(kind) else list
+        out.append((name, kind, field))
+    return out
+
+
+def schema(cls: type, extra: tuple[tuple[str, type, object], ...] = ()) -> type:
+    """A structured-config dataclass whose fields are ``cls``'s constructor arguments plus ``_target_``.
 
     ``_convert_="all"`` makes :func:`hydra.utils.instantiate` pass plain lists and dicts, not OmegaConf
-    containers, so the constructor sees the same types as a direct Python call.
+    containers, so the constructor sees the same types as a direct Python call. ``extra`` adds fields that the
+    caller consumes itself (e.g. an objective's loss ``weight``), as ``(name, type, default)``.
     """
     fields = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}")),
               ("_convert_", str, dataclasses.field(default="all"))]
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_"):
-            continue
-        default = (dataclasses.field(default_factory=f.default_factory)
-                   if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
-        fields.append((f.name, f.type, default))
+    fields += [(name, kind, dataclasses.field(default=default)) for name, kind, default in extra]
+    fields += _constructor_fields(cls)
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 
-def register(group: str, name: str, cls: type) -> type:
-    """Store ``schema(cls)`` as ``<group>/<name>``, for YAML files to extend via their defaults list."""
-    node = schema(cls)
+def register(group: str, name: str, cls: type, extra: tuple[tuple[str, type, object], ...] = ()) -> type:
+    """Store ``schema(cls, extra)`` as ``<group>/<name>``, for YAML files to extend via their defaults list."""
+    node = schema(cls, extra)
     ConfigStore.instance().store(group=group, name=name, node=node)
     return node

@@ -1,0 +1,88 @@
+"""Pictures people look at: loss curves from the training log, and input / predicted / true map grids."""
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from render.preview import colorize_depth, colorize_normals
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+def plot_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """One panel per objective loss (plus the total), from ``train_log.jsonl``; returns the PNG path."""
+    path = Path(log_path)
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    keys = ["loss", *sorted({k for r in rows for k in r if k.endswith("/loss")})]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points, strict=True), lw=1.5)
+        ax.set_title("total (weighted)" if key == "loss" else key.removesuffix("/loss"), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if all(v > 0 for _, v in points):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".tmp-{png_path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def _to_rgb(kind: str, tensor: torch.Tensor) -> np.ndarray:
+    """One sample's map (C,H,W) as (H,W,3) uint8, drawn like the render preview."""
+    array = tensor.detach().float().cpu().numpy()
+    if kind == "image":
+        return (np.clip(array.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
+    if kind == "depth":
+        return colorize_depth(array[0])
+    if kind == "normals":
+        return colorize_normals(array.transpose(1, 2, 0))
+    gray = (np.clip(array[0], 0, 1) * 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def prediction_grid(batch: dict, predictions: dict[str, tuple[str, torch.Tensor]], path: str | os.PathLike) -> Path:
+    """Rows are samples; columns are the input, then predicted and true map of each head.
+
+    Args:
+        batch: Batch with ``image`` (B,3,H,W) and the target maps named by each prediction.
+        predictions: Head name -> (target key, prediction (B,C,H,W) in the target's units).
+        path: PNG to write.
+    """
+    n = batch["image"].shape[0]
+    columns = [("input", [_to_rgb("image", batch["image"][i]) for i in range(n)])]
+    for name, (target, prediction) in predictions.items():
+        valid = batch.get("valid")
+        shown = prediction if valid is None or target != "depth" else prediction * valid
+        columns.append((f"{name} pred", [_to_rgb(target, shown[i]) for i in range(n)]))
+        columns.append((f"{name} true", [_to_rgb(target, batch[target][i]) for i in range(n)]))
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.3), squeeze=False)
+    for col, (title, images) in enumerate(columns):
+        for row, image in enumerate(images):
+            ax = axes[row][col]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
