@@ -83,13 +83,11 @@ def bare_main(job_path: str) -> int:
     settings = job["settings"]
     from render.bproc_env import blenderproc
     from render.builder import SceneBuilder
+    from render.worker import RenderSettings, configure_renderer
     from synth.scene import SceneSpec
 
     bp = blenderproc(os.path.join(job["out_dir"], "blender-tmp"))
-    bp.renderer.set_max_amount_of_samples(settings["max_samples"])
-    bp.renderer.set_noise_threshold(settings["noise_threshold"])
-    bp.renderer.set_denoiser(settings["denoiser"])
-    bp.renderer.set_cpu_threads(settings["threads"])
+    configure_renderer(bp, RenderSettings(**settings))
     bpy = bp.bpy
     scene = bpy.context.scene
     scene.render.image_settings.file_format = "PNG"

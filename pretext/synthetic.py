@@ -515,6 +515,8 @@ class DepthHead(SyntheticObjective):
         log_depth = self.decode(batch, backbone)
         valid = self.valid_mask(batch)
         loss = scale_invariant_log_loss(log_depth, batch["depth"], valid, weight=self.scale_invariant_weight)
+        if not batch.get("with_metrics", True):
+            return {"loss": loss}
         return {"loss": loss, **depth_metrics(log_depth.detach().exp(), batch["depth"], valid)}
 
     def predict(self, batch: Mapping[str, Tensor], backbone: Backbone) -> Tensor:
@@ -554,6 +556,8 @@ class NormalHead(SyntheticObjective):
         raw = self.decode(batch, backbone)
         valid = self.valid_mask(batch)
         loss = cosine_normal_loss(raw, batch["normals"], valid)
+        if not batch.get("with_metrics", True):
+            return {"loss": loss}
         return {"loss": loss, **normal_metrics(raw.detach(), batch["normals"], valid)}
 
     def predict(self, batch: Mapping[str, Tensor], backbone: Backbone) -> Tensor:
@@ -601,6 +605,8 @@ class ContourHead(SyntheticObjective):
         # and normals, contours are not masked by the surface mask.
         valid = torch.ones_like(batch["contours"], dtype=torch.bool)
         loss = balanced_contour_loss(logits, batch["contours"], valid)
+        if not batch.get("with_metrics", True):
+            return {"loss": loss}
         metrics = contour_prf(logits.detach().sigmoid(), batch["contours"], self.thresholds, valid=valid,
                               tolerance=self.tolerance)
         return {"loss": loss, **metrics}

@@ -2,9 +2,11 @@
 
 The engine knows no objective by name. Each objective is an ``nn.Module`` with a ``domains`` tuple (which batches
 it consumes: ``"synthetic"``, ``"real"``) and ``forward(batch, backbone) -> dict`` returning ``"loss"`` and any
-metrics as 0-dim tensors. The engine sums ``weight * loss``, steps one optimizer, logs every entry of every dict
-and, for objectives that also define ``discriminator_loss(batch, backbone)`` and ``discriminator_parameters()``
-(an adversary, e.g. Ren & Lee's feature GAN), steps a second optimizer on the discriminator alternately.
+metrics as 0-dim tensors. ``batch["with_metrics"]`` is False on steps whose metrics will not be logged, so an
+objective may skip costly metrics there (on a GPU, per-step metric kernels and syncs cost more than the heads).
+The engine sums ``weight * loss``, steps one optimizer, logs every entry of every dict and, for objectives
+that also define ``discriminator_loss(batch, backbone)`` and ``discriminator_parameters()`` (an adversary, e.g.
+Ren & Lee's feature GAN), steps a second optimizer on the discriminator alternately.
 
 It runs on CPU or GPU with autocast (bf16 where the hardware has it) and channels_last, and on several
 GPUs or nodes under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPU): rank 0 logs and writes
@@ -251,8 +253,11 @@ class Engine:
         adversaries = [o for o in objectives.values() if hasattr(o, "discriminator_loss")]
         disc_params = {id(p) for o in adversaries for p in o.discriminator_parameters()}
         main_params = [p for p in self.model.parameters() if id(p) not in disc_params]
+        # Fused kernels: one launch for all parameters instead of several per tensor (launch-bound on GPUs).
+        fused = self.device.type in ("cuda", "cpu")
         if settings.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(main_params, lr=settings.lr, weight_decay=settings.weight_decay)
+            self.optimizer = torch.optim.AdamW(main_params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                               fused=fused)
         else:
             self.optimizer = torch.optim.SGD(main_params, lr=settings.lr, momentum=0.9, nesterov=True,
                                              weight_decay=settings.weight_decay)
@@ -322,18 +327,23 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _losses(self, outputs: dict[str, dict]) -> torch.Tensor:
-        total = 0.0
-        for key, out in outputs.items():
-            loss = out["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(f"objective {key!r} produced a non-finite loss ({loss.item()}) at step "
-                                         f"{self.step}; lower trainer.lr or check its inputs")
-            total = total + self.weights[key.split("/")[0]] * loss.float()
+        total = sum(self.weights[key.split("/")[0]] * out["loss"].float() for key, out in outputs.items())
+        if not torch.isfinite(total.detach()):  # one sync per step; find the culprit only when needed
+            for key, out in outputs.items():
+                if not torch.isfinite(out["loss"].detach()).all():
+                    raise NonFiniteLossError(f"objective {key!r} produced a non-finite loss ({out['loss'].item()}) "
+                                             f"at step {self.step}; lower trainer.lr or check its inputs")
         return total
 
-    def train_step(self, batches: dict[str, dict]) -> dict[str, float]:
-        """One optimizer step (and one discriminator step if there is an adversary); returns logged scalars."""
+    def train_step(self, batches: dict[str, dict], with_metrics: bool = True) -> dict[str, torch.Tensor]:
+        """One optimizer step (and one discriminator step if there is an adversary).
+
+        Returns:
+            Scalars to log, as 0-dim tensors (converting them would sync the device every step).
+        """
         self.ddp.train()
+        for batch in batches.values():
+            batch["with_metrics"] = with_metrics
         with self._autocast():
             outputs = self.ddp(batches)
             total = self._losses(outputs)
@@ -341,14 +351,15 @@ class Engine:
         self.scaler.scale(total).backward()
         if self.settings.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip)
+            grad_norm = nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip,
+                                                 foreach=True)
         else:
             grad_norm = torch.zeros(())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
 
-        logs = {"loss": float(total.detach()), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        logs = {"loss": total.detach(), "grad_norm": grad_norm.detach(), "lr": self.scheduler.get_last_lr()[0]}
         if self.disc_optimizer is not None:
             with self._autocast():
                 disc_total = 0.0
@@ -359,7 +370,7 @@ class Engine:
                             raise NonFiniteLossError(f"discriminator of {name!r} produced a non-finite loss at "
                                                      f"step {self.step}")
                         disc_total = disc_total + out["loss"].float()
-                        logs.update({f"{name}/discriminator/{k}": float(v.detach()) for k, v in out.items()})
+                        logs.update({f"{name}/discriminator/{k}": v.detach() for k, v in out.items()})
             self.disc_optimizer.zero_grad(set_to_none=True)
             disc_total.backward()
             if self.world > 1:  # the discriminator is outside DDP's reducer: average its gradients by hand
@@ -372,7 +383,7 @@ class Engine:
         for key, out in outputs.items():
             for metric, value in out.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 0:
-                    logs[f"{key}/{metric}"] = float(value.detach())
+                    logs[f"{key}/{metric}"] = value.detach()
         return logs
 
     @torch.no_grad()
@@ -423,11 +434,13 @@ class Engine:
                         batch = next(it)
                         n_corrupt += batch.pop("n_corrupt", 0)
                     batches[domain] = _to(batch, self.device, s.channels_last)
-                logs = self.train_step(batches)
+                log_now = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
+                logs = self.train_step(batches, with_metrics=log_now)
                 self.step += 1
                 seen += sum(b["image"].shape[0] for b in batches.values()) * self.world
                 bar.update(1)
-                if self.rank == 0 and (self.step % s.log_every == 0 or self.step == s.steps):
+                if self.rank == 0 and log_now:
+                    logs = {k: float(v) for k, v in logs.items()}
                     elapsed = time.perf_counter() - tic
                     logs["images_per_s"] = seen / max(elapsed, 1e-9)
                     logs["data/corrupt_frames"] = n_corrupt

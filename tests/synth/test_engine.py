@@ -79,10 +79,10 @@ def test_resume_after_interruption_gives_the_same_weights(rendered_dataset, tmp_
     interrupted = make_engine(rendered_dataset, tmp_path / "resumed", steps=8, checkpoint_every=3)
     step = interrupted.train_step
 
-    def killed_after_step_4(batches):
+    def killed_after_step_4(batches, **kwargs):
         if interrupted.step == 4:
             raise KeyboardInterrupt  # as a kill would, one step after the checkpoint at step 3
-        return step(batches)
+        return step(batches, **kwargs)
 
     interrupted.train_step = killed_after_step_4
     with pytest.raises(KeyboardInterrupt):
