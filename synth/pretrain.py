@@ -109,7 +109,12 @@ def build_engine(cfg: DictConfig) -> Engine:
                 eval_datasets["synthetic"] = held_pool.subset(held)
     return Engine(backbone=backbone, objectives=objectives, weights=weights, datasets=datasets,
                   settings=trainer, out_dir=cfg.out_dir, eval_datasets=eval_datasets,
-                  config=OmegaConf.to_container(cfg, resolve=True))
+                  config=plain_config(cfg))
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The job's config as plain data for checkpoints: resolved, without Hydra's own node."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -120,7 +125,7 @@ def check_config(cfg: DictConfig) -> None:
 def pretrain_job(cfg: DictConfig) -> dict:
     """The Hydra task function of ``synth pretrain``."""
     summary = build_engine(cfg).fit()
-    if summary.get("eval") is not None:
+    if summary.get("eval"):
         lines = [f"  {k.removeprefix('eval/')}: {v:.4g}" for k, v in sorted(summary["eval"].items())]
         print(f"pretrained {summary['steps']} steps -> {cfg.out_dir}\nheld-out metrics:\n" + "\n".join(lines))
     return summary
