@@ -1,5 +1,6 @@
 """Read rendered shards: the index (source of truth for what is complete) and per-frame HDF5 files."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,15 @@ class CorruptFrameError(OSError):
 
 FRAME_FIELDS = ("colors", "depth", "normals", "category_id_segmaps", "instance_segmaps", "contours", "boxes",
                 "box_category_ids", "box_instance_ids", "cam_K")
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, as recorded in the shard index."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_index(shard_dir: str | os.PathLike) -> list[dict]:

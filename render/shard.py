@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from render import labels
-from render.reader import read_frame, read_index
-from render.worker import PROGRESS_PREFIX, RenderSettings, sha256
+from render.reader import read_frame, read_index, sha256
+from render.worker import PROGRESS_PREFIX, RenderSettings
 from synth.sampling import SceneSampler, scene_seed
 
 

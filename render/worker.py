@@ -10,7 +10,6 @@ complete frame or none; frames are named by their global id, so re-rendering a s
 duplicates.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from render import labels
+from render.reader import sha256
 from synth.scene import BACKGROUND_CATEGORY, SceneSpec
 
 PROGRESS_PREFIX = "@@synth2real "
@@ -90,14 +90,6 @@ def frame_labels(data: dict, index: int, *, fov_deg: float, width: int, height: 
         "box_instance_ids": box_instances,
         "cam_K": labels.intrinsics(width, height, np.radians(fov_deg)),
     }
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _report(message: dict) -> None:

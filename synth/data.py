@@ -17,7 +17,6 @@ Pixel coordinates follow :mod:`render.labels`: pixel ``(u, v)`` spans ``[u, u + 
 ``(u + 0.5, v + 0.5)``, and boxes are ``x1, y1, x2, y2`` with x2/y2 exclusive.
 """
 
-import hashlib
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from render.reader import CorruptFrameError, list_frames, read_frame
+from render.reader import CorruptFrameError, list_frames, read_frame, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -255,19 +254,11 @@ def _scan(roots: list[Path]) -> list[tuple[Path, dict]]:
     return [item for root in roots for item in list_frames(root)]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load(shard_dir: Path, record: dict, verify: bool) -> dict | None:
     """Read one frame; a corrupt one is logged (naming the file) and gives None."""
     path = shard_dir / record["file"]
     try:
-        if verify and _file_sha256(path) != record["sha256"]:
+        if verify and sha256(path) != record["sha256"]:
             raise CorruptFrameError(f"{path}: checksum mismatch with {shard_dir / 'index.jsonl'}")
         return read_frame(path)
     except (CorruptFrameError, OSError) as error:

@@ -33,13 +33,18 @@ def plot_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Pat
         ax.grid(alpha=0.3)
         if all(v > 0 for _, v in points):
             ax.set_yscale("log")
+    return _save(fig, png_path, dpi=110)
+
+
+def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Write ``fig`` as PNG under a temporary name, then rename (a reader never sees half a file)."""
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    os.replace(tmp, path)
+    return path
 
 
 def _to_rgb(kind: str, tensor: torch.Tensor) -> np.ndarray:
@@ -79,10 +84,4 @@ def prediction_grid(batch: dict, predictions: dict[str, tuple[str, torch.Tensor]
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path, dpi=100)
