@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the multitask model (trainer.compile)")
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +84,8 @@ def main() -> None:
         engine = Engine(backbone=Backbone(args.arch),
                         objectives={"depth": DepthHead(), "normal": NormalHead(), "contour": ContourHead()},
                         weights={"depth": 5.0, "normal": 10.0, "contour": 1.0}, datasets={"synthetic": frames},
-                        settings=TrainerSettings(batch_size=args.batch, amp=args.amp, device=args.device),
+                        settings=TrainerSettings(batch_size=args.batch, amp=args.amp, device=args.device,
+                                                 compile=args.compile),
                         out_dir=out)
         batch = collate_frames([frames[(i % len(frames), i)] for i in range(args.batch)])
         batch.pop("n_corrupt")
@@ -94,7 +96,7 @@ def main() -> None:
                 moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
             engine.train_step({"synthetic": moved}, with_metrics=False)  # as on the steps between logs
 
-        warm = 2
+        warm = 5 if args.compile else 2
         t_ours = timed(ours, warm, args.iters, device)
     t_plain32 = timed(plain_step_fn(args.arch, args.batch, args.size, device, None, False, generator), warm,
                       args.iters, device)
@@ -116,7 +118,7 @@ def main() -> None:
                                                  ("plain_amp", t_plain_amp))}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device {name}; {args.arch} batch {args.batch} at {args.size}x{args.size}; engine amp "
-          f"{engine.amp_dtype}, channels_last {engine.settings.channels_last}")
+          f"{engine.amp_dtype}, channels_last {engine.settings.channels_last}, compile {args.compile}")
     print(f"  plain torchvision step fp32        {rate['plain32']:8.1f} img/s")
     print(f"  plain torchvision step amp+cl      {rate['plain_amp']:8.1f} img/s")
     print(f"  ours: backbone + depth/normal/contour heads {rate['ours']:8.1f} img/s")
