@@ -15,7 +15,6 @@ temporary name and renamed; rerunning the same command resumes at the saved step
 """
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -518,8 +516,4 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def settings_dict(settings: TrainerSettings) -> dict:
-    return dataclasses.asdict(settings)
-
-
-__all__ = ["Engine", "MultiTask", "NonFiniteLossError", "TrainerSettings", "lr_factor", "np"]
+__all__ = ["Engine", "MultiTask", "NonFiniteLossError", "TrainerSettings", "lr_factor"]
