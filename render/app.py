@@ -5,6 +5,7 @@ launcher (joblib locally; ``hydra/launcher=submitit_slurm`` or ``ray`` on a clus
 ``slurm``/``ray`` extras). Each job renders what is missing from its shard (see :mod:`render.shard`).
 """
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,6 @@ def summarize(cfg: DictConfig) -> str:
         check = shard_dir / "label_check.json"
         angle = "-"
         if check.exists():
-            import json
-
             angle = f"{json.loads(check.read_text())['mean_angle_deg']:.2f}"
         lines.append(f"{k:>7} {frames:>7} {angle:>19}")
     lines.append(f"{'total':>7} {total:>7}")

@@ -26,6 +26,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,8 +206,6 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
 
 def _remove_stale(shard_dir: Path) -> None:
     """Delete temporaries a killed run left behind (we hold the shard lock, so none is in use)."""
-    import shutil
-
     for path in list(shard_dir.rglob("*.tmp*")) + list(shard_dir.glob(".tmp-*")):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
