@@ -65,12 +65,11 @@ ConfigStore.instance().store(name="pretrain_app_schema", node=PretrainApp)
 
 
 def split_by_scene(frames: RenderedFrames, holdout: float) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices of a frame pool; a scene lands wholly on one side, decided by a hash of its
-    dataset folder and scene index (stable as the dataset grows)."""
+    """(train, held-out) indices of a frame pool. A scene lands wholly on one side, decided by a hash of its seed:
+    stable as the dataset grows and wherever the dataset folder lives."""
     train, held = [], []
-    for i, (shard_dir, record) in enumerate(frames.frames):
-        key = f"{shard_dir.parent.resolve()}:{record['scene_index']}".encode()
-        (held if zlib.crc32(key) / 2**32 < holdout else train).append(i)
+    for i, (_, record) in enumerate(frames.frames):
+        (held if zlib.crc32(str(record["scene_seed"]).encode()) / 2**32 < holdout else train).append(i)
     if not train:
         raise ValueError(f"data.holdout={holdout} leaves no training frame out of {len(frames)}")
     return train, held
