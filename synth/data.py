@@ -295,7 +295,7 @@ class RenderedFrames(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.frames)
 
-    def subset(self, indices: Sequence[int]) -> "RenderedFrames":
+    def subset(self, indices: Sequence[int], augment: "FrameAugment | None" = None) -> "RenderedFrames":
         """The same dataset restricted to ``indices`` (e.g. a train/held-out split), re-indexed from 0.
 
         Use this rather than ``torch.utils.data.Subset``, which only accepts plain int keys and so breaks on the
@@ -304,6 +304,8 @@ class RenderedFrames(torch.utils.data.Dataset):
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.frames = [self.frames[i] for i in indices]
+        if augment is not None:  # e.g. the held-out side of a split, without augmentation
+            view.augment = augment
         if not view.frames:
             raise ValueError("empty subset")
         return view

@@ -104,8 +104,7 @@ def build_engine(cfg: DictConfig) -> Engine:
             train, held = split_by_scene(pool, data.holdout)
             datasets["synthetic"] = pool.subset(train)
             if held:
-                held_pool = RenderedFrames(list(data.roots), augment=eval_augment, seed=trainer.seed)
-                eval_datasets["synthetic"] = held_pool.subset(held)
+                eval_datasets["synthetic"] = pool.subset(held, augment=eval_augment)
     return Engine(backbone=backbone, objectives=objectives, weights=weights, datasets=datasets,
                   settings=trainer, out_dir=cfg.out_dir, eval_datasets=eval_datasets,
                   config=plain_config(cfg))

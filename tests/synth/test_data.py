@@ -319,6 +319,11 @@ def test_subset_takes_sampler_keys(dataset_dir):
     loader = torch.utils.data.DataLoader(part, sampler=StepSampler(len(part), seed=0, batch_size=2), batch_size=2,
                                          collate_fn=collate_frames)
     assert sorted(next(iter(loader))["frame_id"].tolist()) == [1, 3]
+    # A held-out view with its own (eval) augmentation, leaving the training view's untouched.
+    held = ds.subset([2], augment=FrameAugment(size=16, train=False))
+    unaugmented = RenderedFrames(dataset_dir, augment=FrameAugment(size=16, train=False))
+    assert torch.equal(held[(0, 5)]["image"], unaugmented[(2, 5)]["image"])
+    assert ds.augment.train and part.augment.train
 
 
 def test_photometric_ops_leave_labels_untouched(dataset_dir):
