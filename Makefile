@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 PINS := torch==2.14.1 torchvision==0.29.1 bpy==4.2.23 blenderproc==2.8.0
 # Debian libraries that open3d (libusb) and the bpy wheel (X11, GL, OpenMP) link against.
 DEB_LIBS := libusb-1.0-0 libx11-6 libxrender1 libxxf86vm1 libxfixes3 libxi6 libxkbcommon0 libsm6 libice6 libgl1 libgomp1 libegl1
+# Real images that exist offline: Fashion-MNIST (probes), opencv-doc photos and street video (real unlabelled images,
+# backgrounds, Middlebury Aloe), tuxpaint photographed cut-outs (the cut-paste detection set).
+DEB_DATA := dataset-fashion-mnist opencv-doc tuxpaint-stamps-default
 # Allocator settings that remove page faults from every training step (measured ~10% on CPU).
 export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 10000000000
@@ -21,11 +24,11 @@ SYNTH := $(BIN)/synth
 setup: $(STAMP)
 
 system-libs:
-	@missing=$$(for p in $(DEB_LIBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(DEB_LIBS) $(DEB_DATA); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian libraries: $$missing"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
 	fi
 
 $(STAMP): pyproject.toml Makefile

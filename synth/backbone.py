@@ -8,6 +8,7 @@ exposes each stage's output by name so heads and discriminators can attach to an
 
 from collections.abc import Sequence
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -178,4 +179,35 @@ def _last_conv_channels(modules: Sequence[nn.Module]) -> int:
     return convs[-1].out_channels
 
 
-__all__ = ["ARCHS", "STAGE_CHANNELS", "Backbone", "stage_channels"]
+@torch.no_grad()
+def pooled_features(backbone: nn.Module, images: Tensor, stages: Sequence[str] | None = None, *,
+                    batch_size: int = 64) -> dict[str, Tensor]:
+    """Global-average-pooled features of several stages for a stack of images, in eval mode, on the CPU.
+
+    The measuring tools (linear probes, domain-gap metrics, embedding plots) all read frozen features this way. The
+    backbone runs on its own device in batches; its train/eval mode is restored afterwards.
+
+    Args:
+        backbone: A :class:`Backbone`.
+        images: ImageNet-normalised images :math:`(N, 3, H, W)`.
+        stages: Stage names; ``None`` means all.
+        batch_size: Images per forward pass.
+
+    Returns:
+        ``{stage: (N, C_s)}`` float32 on the CPU.
+    """
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    chunks: dict[str, list[Tensor]] = {}
+    try:
+        for start in range(0, len(images), batch_size):
+            out = backbone(images[start:start + batch_size].to(device), stages=stages)
+            for stage, value in out.items():
+                chunks.setdefault(stage, []).append(value.float().mean(dim=(2, 3)).cpu())
+    finally:
+        backbone.train(was_training)
+    return {stage: torch.cat(values) for stage, values in chunks.items()}
+
+
+__all__ = ["ARCHS", "STAGE_CHANNELS", "Backbone", "pooled_features", "stage_channels"]

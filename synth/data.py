@@ -324,7 +324,8 @@ class RenderedFrames(torch.utils.data.Dataset):
                 process or worker. A plain index uses a sample seed derived from ``(seed, index)``.
 
         Returns:
-            The output of :class:`FrameAugment`, or None when the frame is corrupt (a warning names the file).
+            The output of :class:`FrameAugment` plus ``seed`` (0-dim int64, the sample seed, from which objectives
+            draw their own randomness), or None when the frame is corrupt (a warning names the file).
         """
         if isinstance(key, tuple | list):
             index, sample_seed = key
@@ -336,7 +337,8 @@ class RenderedFrames(torch.utils.data.Dataset):
         frame = _load(*self.frames[index], self.verify)
         if frame is None:
             return None
-        return self.augment(frame, torch.Generator().manual_seed(int(sample_seed)))
+        return {**self.augment(frame, torch.Generator().manual_seed(int(sample_seed))),
+                "seed": torch.tensor(int(sample_seed), dtype=torch.int64)}
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -407,7 +409,8 @@ class StreamingFrames(torch.utils.data.IterableDataset):
                 bad.add((str(shard_dir / record["file"]), record["sha256"]))
                 frames = [f for f in frames if f[1] is not record]
                 continue
-            yield self.augment(frame, torch.Generator().manual_seed(sample_seed))
+            yield {**self.augment(frame, torch.Generator().manual_seed(sample_seed)),
+                   "seed": torch.tensor(sample_seed, dtype=torch.int64)}
 
 
 class StepSampler(torch.utils.data.Sampler):

@@ -4,6 +4,9 @@ The engine knows no objective by name. Each objective is an ``nn.Module`` with a
 it consumes: ``"synthetic"``, ``"real"``) and ``forward(batch, backbone) -> dict`` returning ``"loss"`` and any
 metrics as 0-dim tensors. ``batch["with_metrics"]`` is False on steps whose metrics will not be logged, so an
 objective may skip costly metrics there (on a GPU, per-step metric kernels and syncs cost more than the heads).
+``batch["step"]`` and ``batch["total_steps"]`` give schedules (e.g. DANN's reversal ramp) their state explicitly, and
+``batch["seed"]`` (per-sample seeds, kept on the CPU) seeds any random draw an objective makes, so nothing hides an
+RNG or a counter and a resumed run computes exactly what an uninterrupted one would.
 The engine sums ``weight * loss``, steps one optimizer, logs every entry of every dict and, for objectives
 that also define ``discriminator_loss(batch, backbone)`` and ``discriminator_parameters()`` (an adversary, e.g.
 Ren & Lee's feature GAN), steps a second optimizer on the discriminator alternately.
@@ -109,6 +112,9 @@ class MultiTask(nn.Module):
     def forward(self, batches: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
         """Run every objective on the batch of each domain it consumes.
 
+        Objectives with ``joint = True`` get ``{domain: batch}`` for all their domains in one call (and are skipped
+        when a domain is missing, e.g. in an evaluation without real images).
+
         Returns:
             ``{objective: outputs}``, or ``{"objective/domain": outputs}`` for objectives of several domains.
         """
@@ -119,6 +125,10 @@ class MultiTask(nn.Module):
         outputs = {}
         for name, objective in self.objectives.items():
             domains = [d for d in objective.domains if d in batches]
+            if getattr(objective, "joint", False):  # e.g. an adversary that compares the domains
+                if len(domains) == len(objective.domains):
+                    outputs[name] = objective({d: batches[d] for d in domains}, self.backbone)
+                continue
             for domain in domains:
                 key = name if len(objective.domains) == 1 else f"{name}/{domain}"
                 outputs[key] = objective(batches[domain], self.backbone)
@@ -161,7 +171,9 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
     moved = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if key == "seed":  # objectives seed CPU generators from it: moving it would sync the device to read it
+            moved[key] = value
+        elif isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
             if channels_last and value.dim() == 4 and key == "image":
                 value = value.contiguous(memory_format=torch.channels_last)
@@ -220,6 +232,9 @@ class Engine:
         out_dir: Run folder: checkpoints, TensorBoard logs, pictures, ``train_log.jsonl``, ``summary.json``.
         eval_datasets: Domain -> held-out dataset for evaluation and pictures.
         config: Plain dict stored in checkpoints, so a checkpoint says how it was made.
+        monitors: Name -> callable ``(backbone, step) -> {metric: float}`` run on rank 0 at every evaluation and at
+            the end (e.g. an online kNN probe on real images, the measured domain gap); logged to TensorBoard,
+            ``monitor_log.jsonl`` and the summary.
 
     Example:
         >>> engine = Engine(backbone=Backbone("resnet18"), objectives={"depth": DepthHead()},
@@ -229,7 +244,7 @@ class Engine:
 
     def __init__(self, *, backbone: nn.Module, objectives: dict[str, nn.Module], weights: dict[str, float],
                  datasets: dict, settings: TrainerSettings, out_dir: str | os.PathLike,
-                 eval_datasets: dict | None = None, config: dict | None = None):
+                 eval_datasets: dict | None = None, config: dict | None = None, monitors: dict | None = None):
         missing = {d for o in objectives.values() for d in o.domains} - set(datasets)
         unknown = set(weights) ^ set(objectives)
         if not objectives:
@@ -242,6 +257,7 @@ class Engine:
         self.weights = weights
         self.datasets = datasets
         self.eval_datasets = eval_datasets or {}
+        self.monitors = monitors or {}
         self.out_dir = Path(out_dir)
         self.config = config or {}
         self.rank, self.world, local_rank = _distributed()
@@ -346,7 +362,7 @@ class Engine:
         """
         self.ddp.train()
         for batch in batches.values():
-            batch["with_metrics"] = with_metrics
+            batch.update(with_metrics=with_metrics, step=self.step, total_steps=self.settings.steps)
         with self._autocast():
             outputs = self.ddp(batches)
             total = self._losses(outputs)
@@ -400,6 +416,8 @@ class Engine:
                                 rank=0, world=1, num_workers=0) for d, ds in self.eval_datasets.items()}
         for _ in range(self.settings.eval_batches):
             batches = {d: _to(next(it), self.device, self.settings.channels_last) for d, it in iterators.items()}
+            for batch in batches.values():
+                batch.update(with_metrics=True, step=self.step, total_steps=self.settings.steps)
             with self._autocast():
                 outputs = self.model(batches)
             for key, out in outputs.items():
@@ -408,6 +426,19 @@ class Engine:
                         sums[f"eval/{key}/{metric}"] += float(value)
                         counts[f"eval/{key}/{metric}"] += 1
         return {k: sums[k] / counts[k] for k in sums}
+
+    def run_monitors(self) -> dict[str, float]:
+        """Run every monitor on the backbone; appends the values to ``monitor_log.jsonl`` (one line per step)."""
+        if not self.monitors:
+            return {}
+        values = {}
+        for monitor in self.monitors.values():
+            values.update({k: float(v) for k, v in monitor(self.model.backbone, self.step).items()})
+        path = self.out_dir / "monitor_log.jsonl"
+        _truncate_log(path, self.step - 1)  # a rerun of the final evaluation replaces, not duplicates, its line
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")
+        return values
 
     def fit(self) -> dict:
         """Train until ``settings.steps`` (resuming from ``last.pt`` if present); returns the run summary."""
@@ -418,6 +449,7 @@ class Engine:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(log_path, self.step)
+            _truncate_log(self.out_dir / "monitor_log.jsonl", self.step)
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step if resumed else None)
@@ -457,7 +489,7 @@ class Engine:
                 if s.image_every and self.step % s.image_every == 0 and self.rank == 0:
                     self.write_pictures()
                 if s.eval_every and self.step % s.eval_every == 0 and self.rank == 0:
-                    for key, value in self.evaluate().items():
+                    for key, value in {**self.evaluate(), **self.run_monitors()}.items():
                         writer.add_scalar(key, value, self.step)
                 if self.step % s.checkpoint_every == 0:
                     self.save()
@@ -473,7 +505,8 @@ class Engine:
             summary["rank_fingerprints"] = gathered
         if self.rank == 0:
             summary["eval"] = self.evaluate()
-            for key, value in summary["eval"].items():
+            summary["monitors"] = self.run_monitors()
+            for key, value in {**summary["eval"], **summary["monitors"]}.items():
                 writer.add_scalar(key, value, self.step)
             summary["fingerprint"] = fingerprint
             self.write_pictures()
