@@ -1358,6 +1358,22 @@ def _split_kwargs(task: str, settings: Mapping, *functions: Callable) -> list[di
     return routed
 
 
+def _task_functions() -> dict[str, tuple[Callable, ...]]:
+    """The functions each task's budget settings are keyword arguments of."""
+    return {"linear_probe": (linear_probe,), "finetune": (finetune_classifier,),
+            "detection": (build_detector, train_detector), "segmentation": (build_segmenter, train_segmenter),
+            "depth": (evaluate_depth_zero_shot, finetune_depth)}
+
+
+def check_budget(budget: Mapping[str, Mapping] | None) -> None:
+    """Raise a ValueError naming the task and key of any budget setting no task function takes (before any work)."""
+    unknown = sorted(set(budget or {}) - set(TASKS))
+    if unknown:
+        raise ValueError(f"budget: unknown task(s) {unknown}; expected some of {TASKS}")
+    for task, settings in (budget or {}).items():
+        _split_kwargs(task, settings, *_task_functions()[task])
+
+
 def _budget_text(settings: Mapping) -> str:
     return ",".join(f"{k}={v}" for k, v in settings.items() if v is not None)
 
@@ -1401,9 +1417,7 @@ def run_transfer(checkpoints: Mapping[str, str | os.PathLike | None], tasks: Seq
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"tasks: expected some of {TASKS}, got {list(tasks)}")
-    unknown = sorted(set(budget or {}) - set(TASKS))
-    if unknown:
-        raise ValueError(f"budget: unknown task(s) {unknown}; expected some of {TASKS}")
+    check_budget(budget)
     settings = {task: {**DEFAULT_BUDGET[task], **dict((budget or {}).get(task, {}))} for task in TASKS}
     device = resolve_device(device)
 
@@ -1511,6 +1525,7 @@ __all__ = [
     "build_classifier",
     "build_detector",
     "build_segmenter",
+    "check_budget",
     "checkpoint_arch",
     "classification_features",
     "coco_evaluate",

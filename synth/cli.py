@@ -24,7 +24,8 @@ USAGE = """usage: synth COMMAND [key=value ...] [hydra flags]
 
 commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
-  pretrain train one backbone on several objectives (depth, normal, contour heads ...); torchrun for DDP
+  pretrain train one backbone on several objectives (synthetic heads, pretext, contrastive, adaptation)
+  transfer score checkpoints and the random-init baseline on real tasks (probe, detection, segmentation, depth)
   demo     the main job on a small default: render a few frames, preview them, pretrain the synthetic heads
 
 examples:
@@ -107,6 +108,13 @@ def pretrain(args: list[str]) -> None:
     run_hydra("synth_pretrain", pretrain_job, args)
 
 
+def transfer(args: list[str]) -> None:
+    from synth.transfer import check_config, transfer_job
+
+    checked("synth_transfer", args, check_config)
+    run_hydra("synth_transfer", transfer_job, args)
+
+
 def demo(args: list[str]) -> None:
     """The small default run under ``outputs/demo``: render 16 tabletop frames at 64 px (with their preview grid),
     then pretrain the depth, normal and contour heads on them for a few dozen steps (pictures, loss curves,
@@ -116,7 +124,7 @@ def demo(args: list[str]) -> None:
               "trainer.batch_size=8", "trainer.log_every=5", "trainer.image_every=30", "data.holdout=0.25"])
 
 
-COMMANDS = {"render": render, "pretrain": pretrain, "demo": demo}
+COMMANDS = {"render": render, "pretrain": pretrain, "transfer": transfer, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

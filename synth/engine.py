@@ -518,25 +518,30 @@ class Engine:
         return summary
 
     @torch.no_grad()
-    def write_pictures(self) -> Path | None:
-        """PNG of input / predicted / true maps for a held-out batch (objectives that can ``predict``)."""
-        dataset = self.eval_datasets.get("synthetic")
-        heads = {n: o for n, o in self.model.objectives.items() if hasattr(o, "predict") and hasattr(o, "target")}
-        if dataset is None or not heads:
-            return None
+    def write_pictures(self) -> list[Path]:
+        """PNGs of input / predicted / true maps on a held-out batch of each domain, for the objectives of that
+        domain that can ``predict`` (``pictures/step_N.png`` for rendered frames, ``step_N_real.png`` for real)."""
         from synth.plots import prediction_grid
 
-        self.model.eval()
-        batch = next(_loader(dataset, batch_size=min(4, self.settings.batch_size), seed=self.settings.seed + 1,
-                             start_step=0, rank=0, world=1, num_workers=0))
-        batch = _to(batch, self.device, self.settings.channels_last)
-        with self._autocast():
-            batch["features"] = self.model.backbone(batch["image"])
-            predictions = {n: (h.target, h.predict(batch, self.model.backbone).float()) for n, h in heads.items()}
-        path = self.out_dir / "pictures" / f"step_{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prediction_grid(batch, predictions, path)
-        return path
+        paths = []
+        for domain, dataset in self.eval_datasets.items():
+            heads = {n: o for n, o in self.model.objectives.items()
+                     if hasattr(o, "predict") and hasattr(o, "target") and domain in o.domains}
+            if not heads:
+                continue
+            self.model.eval()
+            batch = next(_loader(dataset, batch_size=min(4, self.settings.batch_size), seed=self.settings.seed + 1,
+                                 start_step=0, rank=0, world=1, num_workers=0))
+            batch = _to(batch, self.device, self.settings.channels_last)
+            batch.update(with_metrics=True, step=self.step, total_steps=self.settings.steps)
+            with self._autocast():
+                batch["features"] = self.model.backbone(batch["image"])
+                predictions = {n: (h.target, h.predict(batch, self.model.backbone).float()) for n, h in heads.items()}
+            suffix = "" if domain == "synthetic" else f"_{domain}"
+            path = self.out_dir / "pictures" / f"step_{self.step:07d}{suffix}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            paths.append(prediction_grid(batch, predictions, path))
+        return paths
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -52,6 +52,8 @@ def _to_rgb(kind: str, tensor: torch.Tensor) -> np.ndarray:
     array = tensor.detach().float().cpu().numpy()
     if kind == "image":
         return (np.clip(array.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
+    if kind == "rgb":  # an RGB prediction in [0, 1] (colorization, inpainting)
+        return (np.clip(array.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
     if kind == "depth":
         return colorize_depth(array[0])
     if kind == "normals":
@@ -65,7 +67,8 @@ def prediction_grid(batch: dict, predictions: dict[str, tuple[str, torch.Tensor]
 
     Args:
         batch: Batch with ``image`` (B,3,H,W) and the target maps named by each prediction.
-        predictions: Head name -> (target key, prediction (B,C,H,W) in the target's units).
+        predictions: Head name -> (target key, prediction (B,C,H,W) in the target's units; for the target
+            ``image``, RGB in [0, 1]).
         path: PNG to write.
     """
     n = batch["image"].shape[0]
@@ -73,7 +76,8 @@ def prediction_grid(batch: dict, predictions: dict[str, tuple[str, torch.Tensor]
     for name, (target, prediction) in predictions.items():
         valid = batch.get("valid")
         shown = prediction if valid is None or target != "depth" else prediction * valid
-        columns.append((f"{name} pred", [_to_rgb(target, shown[i]) for i in range(n)]))
+        kind = "rgb" if target == "image" else target
+        columns.append((f"{name} pred", [_to_rgb(kind, shown[i]) for i in range(n)]))
         columns.append((f"{name} true", [_to_rgb(target, batch[target][i]) for i in range(n)]))
     fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.3), squeeze=False)
     for col, (title, images) in enumerate(columns):
