@@ -8,6 +8,7 @@ before anything is written. Then Hydra runs the job(s) with the configured launc
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 import yaml
@@ -26,12 +27,14 @@ commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
   pretrain train one backbone on several objectives (synthetic heads, pretext, contrastive, adaptation)
   transfer score checkpoints and the random-init baseline on real tasks (probe, detection, segmentation, depth)
-  demo     the main job on a small default: render a few frames, preview them, pretrain the synthetic heads
+  demo     the main job on a small default: render, pretrain, transfer, print the results table
+  experiment=NAME  run an experiment file of configs/experiment/ (e.g. experiment=ablation)
 
 examples:
   synth render scene=room n_frames=64 out_dir=data/rooms
   synth render --cfg job            # print the composed config
   synth demo
+  synth experiment=ablation
 """
 
 DOMAIN_ERRORS = (SceneConfigError, SceneSamplingError, MeshFolderError, ValueError, FileNotFoundError)
@@ -116,15 +119,36 @@ def transfer(args: list[str]) -> None:
 
 
 def demo(args: list[str]) -> None:
-    """The small default run under ``outputs/demo``: render 16 tabletop frames at 64 px (with their preview grid),
-    then pretrain the depth, normal and contour heads on them for a few dozen steps (pictures, loss curves,
-    held-out metrics). Transfer to real tasks joins when it exists."""
-    render(["out_dir=outputs/demo/data", "n_frames=16", "preview=true", *args])
-    pretrain(["data.roots=[outputs/demo/data]", "out_dir=outputs/demo/pretrain", "trainer.steps=60",
-              "trainer.batch_size=8", "trainer.log_every=5", "trainer.image_every=30", "data.holdout=0.25"])
+    """The main job on a small default (``configs/synth_demo.yaml``): render a few frames, pretrain with synthetic
+    heads, a pretext task, a contrastive objective and the feature GAN, transfer to real tasks next to random
+    init, and print the results table. Each stage is the single-stage command with derived overrides."""
+    from synth.experiment import artefacts, demo_overrides
+
+    cfg = checked("synth_demo", args, demo_overrides)
+    if cfg is None:
+        run_hydra("synth_demo", lambda c: print(c), args)
+        return
+    stages = demo_overrides(cfg)
+    render(stages["render"])
+    pretrain(stages["pretrain"])
+    transfer(stages["transfer"])
+    print("\nopen these:\n" + "\n".join(f"  {p}" for p in artefacts(Path(cfg.out_dir)) if p.exists()))
 
 
-COMMANDS = {"render": render, "pretrain": pretrain, "transfer": transfer, "demo": demo}
+def experiment(args: list[str]) -> None:
+    """``synth experiment=ablation``: every arm x seed pretrained and transferred at one budget, one table."""
+    from synth.experiment import check_experiment, run_experiment
+
+    cfg = checked("synth_experiment", args, check_experiment)
+    if cfg is None:
+        run_hydra("synth_experiment", lambda c: print(c), args)
+        return
+    if not cfg.arms:
+        raise UsageError("no arms: pick an experiment, e.g. synth experiment=ablation")
+    run_experiment(cfg)
+
+
+COMMANDS = {"render": render, "pretrain": pretrain, "transfer": transfer, "demo": demo, "experiment": experiment}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    if command.startswith("experiment="):  # `synth experiment=ablation` reads as the experiment command
+        command, args = "experiment", argv
     if command not in COMMANDS:
         print(f"synth: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -14,14 +14,25 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from adapt.domain import DANN, FeatureGAN
+from adapt.gap import DomainGapMonitor
+from pretext.contrastive import MoCoV2, SimCLR
+from pretext.generative import Colorization, Inpainting
+from pretext.predictive import Jigsaw, RelativePatchPosition, RotationPrediction
 from pretext.synthetic import ContourHead, DepthHead, NormalHead
 from render.reader import list_frames
 from synth.backbone import Backbone
 from synth.config import register
 from synth.data import FrameAugment, RenderedFrames, StreamingFrames
 from synth.engine import Engine, TrainerSettings
+from synth.probe import FashionMNISTProbe
+from synth.real import RealImages
 
 WEIGHT = (("weight", float, 1.0),)
+#: The objectives of the ``objective`` config group, each registered as ``<name>_schema`` for its YAML file.
+OBJECTIVES = {"depth": DepthHead, "normal": NormalHead, "contour": ContourHead, "rotation": RotationPrediction,
+              "jigsaw": Jigsaw, "relpos": RelativePatchPosition, "colorization": Colorization,
+              "inpainting": Inpainting, "simclr": SimCLR, "moco": MoCoV2}
 
 
 @dataclass
@@ -35,6 +46,9 @@ class SyntheticData:
         holdout: Fraction of scenes held out for evaluation and pictures (split by scene, so no view of a
             held-out scene is trained on).
         verify: Re-hash every frame against the index before using it.
+        augment: The ``data/augment`` group (:class:`synth.data.FrameAugment`).
+        real: The ``data/real`` group: real, unlabelled images (:class:`synth.real.RealImages` plus the
+            ``holdout`` fraction kept for evaluation and the domain-gap measure).
     """
 
     roots: list[str] = field(default_factory=lambda: ["data/tabletop"])
@@ -42,25 +56,45 @@ class SyntheticData:
     holdout: float = 0.2
     verify: bool = False
     augment: Any = MISSING
+    real: Any = None
+
+
+@dataclass
+class DomainGapSettings:
+    """The ``monitor/domain_gap`` schema: :class:`adapt.gap.DomainGapMonitor` on ``n_images`` held-out images per
+    domain (the images themselves are passed by :func:`build_monitors`)."""
+
+    _target_: str = f"{DomainGapMonitor.__module__}.{DomainGapMonitor.__qualname__}"
+    n_images: int = 64
+    stages: list[str] | None = None
+    seed: int = 0
+    plot_dir: str | None = None
 
 
 @dataclass
 class PretrainApp:
-    """``synth pretrain`` config; ``model``, ``objective`` and ``trainer`` come from their config groups."""
+    """``synth pretrain`` config; ``model``, ``objective``, ``adapt``, ``monitor`` and ``trainer`` come from their
+    config groups (``adapt=none`` is null: no adversary)."""
 
     model: Any = MISSING
     objective: Any = MISSING
+    adapt: Any = None
+    monitor: Any = field(default_factory=dict)
     trainer: Any = MISSING
     data: SyntheticData = field(default_factory=SyntheticData)
     out_dir: str = "runs/pretrain"
 
 
 register("model", "backbone_schema", Backbone)
-register("objective", "depth_schema", DepthHead, WEIGHT)
-register("objective", "normal_schema", NormalHead, WEIGHT)
-register("objective", "contour_schema", ContourHead, WEIGHT)
 register("trainer", "trainer_schema", TrainerSettings)
 register("data/augment", "augment_schema", FrameAugment)
+register("data/real", "real_schema", RealImages, (("holdout", float, 0.1),))
+register("adapt", "feature_gan_schema", FeatureGAN, WEIGHT)
+register("adapt", "dann_schema", DANN, WEIGHT)
+register("monitor", "knn_probe_schema", FashionMNISTProbe)
+ConfigStore.instance().store(group="monitor", name="domain_gap_schema", node=DomainGapSettings)
+for _name, _cls in OBJECTIVES.items():
+    register("objective", f"{_name}_schema", _cls, WEIGHT)
 ConfigStore.instance().store(name="pretrain_app_schema", node=PretrainApp)
 
 
@@ -83,12 +117,16 @@ def build_engine(cfg: DictConfig) -> Engine:
         torch.manual_seed(trainer.seed)
         backbone = instantiate(cfg.model)
         objectives, weights = {}, {}
-        for name, node in cfg.objective.items():
+        nodes = dict(cfg.objective.items())
+        if cfg.adapt is not None:
+            nodes["adapt"] = cfg.adapt
+        for name, node in nodes.items():
             node = OmegaConf.to_container(node, resolve=True)
             weights[name] = float(node.pop("weight"))
             objectives[name] = instantiate(node)
     data = cfg.data
     datasets, eval_datasets = {}, {}
+    measure = {}  # domain -> [held-out, training] datasets without augmentation, for the domain-gap monitor
     if any("synthetic" in o.domains for o in objectives.values()):
         augment = instantiate(data.augment)
         missing = [r for r in data.roots if not list_frames(r)] if not data.streaming else []
@@ -105,9 +143,63 @@ def build_engine(cfg: DictConfig) -> Engine:
             datasets["synthetic"] = pool.subset(train)
             if held:
                 eval_datasets["synthetic"] = pool.subset(held, augment=eval_augment)
+            measure["synthetic"] = [eval_datasets.get("synthetic"), pool.subset(train, augment=eval_augment)]
+    if any("real" in o.domains for o in objectives.values()) or "domain_gap" in cfg.monitor:
+        if data.real is None:
+            raise ValueError("an objective or monitor reads real images but data.real is null; "
+                             "pick one with data/real=offline")
+        node = OmegaConf.to_container(data.real, resolve=True)
+        holdout = node.pop("holdout")
+        pool = instantiate(node, seed=trainer.seed)
+        train, held = pool.split(holdout)
+        if not train:
+            raise ValueError(f"data.real.holdout={holdout} leaves no real training image out of {len(pool)}")
+        datasets["real"] = pool.subset(train)
+        if held:
+            eval_datasets["real"] = pool.subset(held, train=False)
+        measure["real"] = [eval_datasets.get("real"), pool.subset(train, train=False)]
     return Engine(backbone=backbone, objectives=objectives, weights=weights, datasets=datasets,
                   settings=trainer, out_dir=cfg.out_dir, eval_datasets=eval_datasets,
-                  config=plain_config(cfg))
+                  config=plain_config(cfg), monitors=build_monitors(cfg, measure))
+
+
+def _first_images(datasets: list, n: int) -> torch.Tensor:
+    """Up to ``n`` unaugmented images, held-out ones first, then training ones (a small dataset's held-out side
+    alone is too few to measure a gap). Fixed sample seed: the same images at every call."""
+    images = []
+    for dataset in datasets:
+        for i in range(len(dataset) if dataset is not None else 0):
+            if len(images) == n:
+                break
+            sample = dataset[(i, 0)]
+            if sample is not None:
+                images.append(sample["image"])
+    return torch.stack(images)
+
+
+def build_monitors(cfg: DictConfig, measure: dict) -> dict:
+    """The ``monitor`` group: callables ``(backbone, step) -> {metric: value}`` the engine runs at evaluations.
+
+    Args:
+        cfg: The composed config.
+        measure: Domain -> ``[held-out, training]`` datasets without augmentation (the domain-gap monitor's images).
+    """
+    monitors = {}
+    for name, node in cfg.monitor.items():
+        node = OmegaConf.to_container(node, resolve=True)
+        if name == "domain_gap":
+            missing = [d for d in ("synthetic", "real") if d not in measure]
+            if missing:
+                raise ValueError(f"monitor.domain_gap needs {' and '.join(missing)} images: set data.roots / "
+                                 f"data.real, or drop the monitor (monitor=[knn_probe])")
+            n_images = node.pop("n_images")
+            monitor = instantiate(node, synthetic_images=_first_images(measure["synthetic"], n_images),
+                                  real_images=_first_images(measure["real"], n_images))
+            monitors[name] = monitor
+        else:
+            probe = instantiate(node)
+            monitors[name] = lambda backbone, step, probe=probe: probe(backbone)
+    return monitors
 
 
 def plain_config(cfg: DictConfig) -> dict:

@@ -1,0 +1,220 @@
+"""``synth demo`` and ``synth experiment=...``: render, pretrain and transfer chained, ending in a results table.
+
+Both compose their own config (``configs/synth_demo.yaml``, ``configs/synth_experiment.yaml`` with an
+``experiment/`` file), then run the ``synth render`` app and the pretrain and transfer jobs with overrides derived
+from it, so every stage is exactly what the single-stage commands would run, and each stage's output is reused on
+a rerun (a render resumes by shard, a pretraining run by checkpoint, a finished transfer by its results file).
+"""
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from adapt.transfer import ResultRow, format_table, read_results, write_results
+
+
+@dataclass
+class DemoSettings:
+    """The demo's budget; ``scale`` multiplies frames and steps (``synth demo demo.scale=8`` on a GPU).
+
+    Args:
+        scale: Multiplier of ``frames``, ``pretrain_steps`` and the transfer steps.
+        frames: Rendered frames.
+        resolution: Rendered image side.
+        pretrain_steps: Pretraining steps.
+        batch_size: Pretraining batch per domain.
+        objectives: The pretraining objectives.
+        adapt: The adversary (``feature_gan``, ``dann`` or ``none``).
+        tasks: Transfer tasks.
+        detection_steps: Detector fine-tuning steps.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    scale: int = 1
+    frames: int = 16
+    resolution: int = 64
+    pretrain_steps: int = 100
+    batch_size: int = 8
+    objectives: list[str] = field(default_factory=lambda: ["depth", "normal", "contour", "rotation", "simclr"])
+    adapt: str = "feature_gan"
+    tasks: list[str] = field(default_factory=lambda: ["linear_probe", "detection"])
+    detection_steps: int = 60
+    device: str = "auto"
+
+
+@dataclass
+class DemoApp:
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    out_dir: str = "outputs/demo"
+
+
+@dataclass
+class ExperimentApp:
+    """``synth experiment=NAME``: arms x seeds at one budget, then one table.
+
+    Args:
+        name: The experiment's name (its ``configs/experiment/`` file).
+        render: ``synth render`` overrides of the shared dataset.
+        arms: ``{arm: synth pretrain overrides}``; null means no pretraining (random initialisation).
+        seeds: Each arm is pretrained and transferred once per seed.
+        pretrain: ``synth pretrain`` overrides shared by every arm (the budget).
+        transfer: ``synth transfer`` overrides shared by every arm.
+        out_dir: Everything goes here; a rerun skips what is done.
+    """
+
+    name: str = "experiment"
+    render: list[str] = field(default_factory=list)
+    arms: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    pretrain: list[str] = field(default_factory=list)
+    transfer: list[str] = field(default_factory=list)
+    out_dir: str = "runs/experiment"
+
+
+ConfigStore.instance().store(name="demo_app_schema", node=DemoApp)
+ConfigStore.instance().store(name="experiment_app_schema", node=ExperimentApp)
+
+
+def demo_overrides(cfg: DictConfig) -> dict[str, list[str]]:
+    """The render, pretrain and transfer overrides the demo runs, from its settings."""
+    d, out = cfg.demo, Path(cfg.out_dir)
+    if d.scale < 1:
+        raise ValueError(f"demo.scale must be >= 1, got {d.scale}")
+    steps = d.pretrain_steps * d.scale
+    render = [f"out_dir={out / 'data'}", f"n_frames={d.frames * d.scale}", "preview=true",
+              f"render.width={d.resolution}", f"render.height={d.resolution}"]
+    pretrain = [f"data.roots=[{out / 'data'}]", f"out_dir={out / 'pretrain'}", f"trainer.steps={steps}",
+                f"trainer.batch_size={d.batch_size}", "trainer.log_every=5", f"trainer.image_every={steps // 2}",
+                f"trainer.eval_every={steps // 2}", f"trainer.warmup_steps={min(20, steps // 5)}",
+                f"trainer.device={d.device}", "data.holdout=0.25", f"data.augment.size={d.resolution}",
+                f"objective=[{','.join(d.objectives)}]", f"adapt={d.adapt}"]
+    transfer = [f"checkpoint={out / 'pretrain'}", f"tasks=[{','.join(d.tasks)}]", f"out_dir={out / 'transfer'}",
+                f"device={d.device}", f"data.detection.build.out_dir={out / 'cutpaste'}",
+                f"data.segmentation.build.out_dir={out / 'cutpaste'}",
+                "+data.detection.build.n_images={train: 160, val: 20, test: 60}",
+                "+data.segmentation.build.n_images={train: 160, val: 20, test: 60}",
+                "data.detection.build.size=96", "data.segmentation.build.size=96",
+                f"budget.detection.steps={d.detection_steps * d.scale}", "budget.detection.min_size=96",
+                "budget.detection.max_size=96", "+budget.detection.fpn_channels=64",
+                f"data.classification.train.max_images={2000 * d.scale}",
+                f"data.classification.test.max_images={1000 * d.scale}"]
+    return {"render": render, "pretrain": pretrain, "transfer": transfer}
+
+
+def artefacts(out: Path) -> list[Path]:
+    """What a person opens after the demo."""
+    return [out / "data" / "preview.png", out / "pretrain" / "loss_curves.png",
+            out / "pretrain" / "embeddings" / "embedding.png", out / "pretrain" / "tensorboard",
+            out / "transfer" / "results.md", out / "transfer" / "linear_probe_stages.png"]
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+
+
+def _summary_rows(summary: dict, label: str, seed: int) -> list[ResultRow]:
+    """The measured domain gap and probe of a pretraining run, as result rows (task ``gap`` / ``probe``)."""
+    rows = []
+    for key, value in summary.get("monitors", {}).items():
+        parts = key.split("/")  # gap/<stage>/<metric> or probe/knn_acc/<stage>
+        if parts[0] == "gap":
+            rows.append(ResultRow(checkpoint=label, label=label, task="gap", metric=f"{parts[2]}@{parts[1]}",
+                                  value=value, seed=seed, budget="pretrain", wall_s=0.0))
+        elif parts[0] == "probe":
+            rows.append(ResultRow(checkpoint=label, label=label, task="knn_probe", metric=f"acc@{parts[2]}",
+                                  value=value, seed=seed, budget="pretrain", wall_s=0.0))
+    return rows
+
+
+def bar_chart(rows: list[ResultRow], path: Path, columns: list[str]) -> Path:
+    """Grouped bars (mean ± std over seeds) of each arm on each ``task/metric`` column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(dict.fromkeys(r.label for r in rows))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        means, stds = [], []
+        for label in labels:
+            values = [r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column]
+            means.append(statistics.fmean(values) if values else np.nan)
+            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.bar(range(len(labels)), means, yerr=stds, color=["0.6" if lb == "random" else "C0" for lb in labels],
+               capsize=2)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(column, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run_experiment(cfg: DictConfig) -> list[ResultRow]:
+    """Render once, pretrain every arm for every seed, transfer all of a seed's checkpoints together, tabulate."""
+    from synth.cli import compose, render
+    from synth.pretrain import build_engine
+    from synth.transfer import transfer_job
+
+    out = Path(cfg.out_dir)
+    data = out / "data"
+    tic = time.perf_counter()
+    render([f"out_dir={data}", *cfg.render])
+    rows: list[ResultRow] = []
+    for seed in cfg.seeds:
+        checkpoints = {}
+        for arm, overrides in cfg.arms.items():
+            if overrides is None:
+                continue  # random initialisation: the transfer baseline
+            run = out / "pretrain" / arm / f"seed{seed}"
+            summary_path = run / "summary.json"
+            if not summary_path.exists():
+                print(f"\n== pretrain {arm} (seed {seed}) -> {run}")
+                build_engine(compose("synth_pretrain", [f"data.roots=[{data}]", f"out_dir={run}",
+                                                        f"trainer.seed={seed}", *cfg.pretrain, *overrides])).fit()
+            rows += _summary_rows(json.loads(summary_path.read_text()), arm, seed)
+            checkpoints[arm] = str(run)
+        results = out / "transfer" / f"seed{seed}"
+        if not (results / "results.csv").exists():
+            print(f"\n== transfer seed {seed}: {', '.join(['random', *checkpoints])}")
+            transfer_job(compose("synth_transfer", [f"out_dir={results}", f"seed={seed}", *cfg.transfer,
+                                                    *(f"checkpoints.{k}={v}" for k, v in checkpoints.items())]))
+        rows += read_results(results / "results.csv")
+    write_results(rows, out)
+    columns = [c for c in dict.fromkeys(f"{r.task}/{r.metric}" for r in rows)
+               if not c.startswith(("gap/mmd", "gap/pad"))]
+    table = format_table(rows)
+    bar_chart(rows, out / "ablation.png", columns)
+    minutes = (time.perf_counter() - tic) / 60
+    header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds (mean ± sd over seeds; in brackets the "
+              f"difference to random init)\n\nwall time of this invocation: {minutes:.1f} min\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    print(f"\n{header}{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'ablation.png'}")
+    return rows
+
+
+def check_experiment(cfg: DictConfig) -> None:
+    """Compose every arm's pretraining config and the transfer config (a typo fails before any work)."""
+    from synth.cli import compose
+    from synth.transfer import check_config as check_transfer
+
+    for overrides in cfg.arms.values():
+        if overrides is not None:
+            compose("synth_pretrain", [f"data.roots=[{Path(cfg.out_dir) / 'data'}]", *cfg.pretrain, *overrides])
+    check_transfer(compose("synth_transfer", list(cfg.transfer)))
+    if not cfg.seeds:
+        raise ValueError("seeds is empty")
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+__all__ = ["DemoApp", "ExperimentApp", "artefacts", "bar_chart", "check_experiment", "demo_overrides", "run_experiment"]
