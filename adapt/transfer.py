@@ -637,8 +637,8 @@ def finetune_classifier(backbone: Backbone, train_set, test_set, steps: int = 50
 
 def build_detector(backbone: Backbone, num_classes: int, kind: str = "fasterrcnn", min_size: int = 256,
                    max_size: int = 512, trainable_stages: int = 5, norm: str = "batch", fpn_channels: int = 256,
-                   anchor_sizes: Sequence[int] | None = None, detections_per_image: int = 100, seed: int = 0
-                   ) -> nn.Module:
+                   anchor_sizes: Sequence[int] | None = None, detections_per_image: int = 100,
+                   score_threshold: float = 0.001, seed: int = 0) -> nn.Module:
     """A torchvision detector on a copy of ``backbone`` with a feature pyramid (Lin et al., CVPR 2017).
 
     ``kind``: Faster R-CNN (Ren et al., NeurIPS 2015) and Mask R-CNN (He et al., ICCV 2017) read the pyramid over
@@ -661,6 +661,7 @@ def build_detector(backbone: Backbone, num_classes: int, kind: str = "fasterrcnn
             (32 .. 512, i.e. 8x the stride for R-CNN) when ``min_size >= 512``, else half of them, as objects in
             small images are small (FCOS keeps its strides, 8 .. 128).
         detections_per_image: Most detections kept per image at inference (COCO's evaluation reads 100).
+        score_threshold: Lowest score of a detection kept at inference (AP needs the low-score tail too).
         seed: Seeds the new layers' initialisation.
 
     Returns:
@@ -684,7 +685,10 @@ def build_detector(backbone: Backbone, num_classes: int, kind: str = "fasterrcnn
     stages = list(outputs)[-4:] if rcnn else list(outputs)[-3:]
     common = {"min_size": min_size, "max_size": max_size, "image_mean": list(IMAGENET_MEAN),
               "image_std": list(IMAGENET_STD)}
-    limit = {"box_detections_per_img" if rcnn else "detections_per_img": detections_per_image}
+    limit = {"box_detections_per_img" if rcnn else "detections_per_img": detections_per_image,
+             # COCO-style AP integrates over the whole score range: torchvision's 0.05 default would hide the
+             # low-confidence detections of a briefly trained detector and report AP 0 for any backbone.
+             "box_score_thresh" if rcnn else "score_thresh": score_threshold}
     base = 32 if min_size >= 512 else 16
     sizes = tuple(anchor_sizes) if anchor_sizes is not None else tuple(base * 2**i for i in range(5))
     if len(sizes) != 5:

@@ -33,11 +33,13 @@ class DemoSettings:
         adapt: The adversary (``feature_gan``, ``dann`` or ``none``).
         tasks: Transfer tasks.
         detection_steps: Detector fine-tuning steps.
+        probe_images: Fashion-MNIST training images of the linear probe (half as many test images).
+        cutpaste_images: Images of the cut-paste detection set (2/3 train, 1/4 test, the rest validation).
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
     scale: int = 1
-    frames: int = 16
+    frames: int = 24
     resolution: int = 64
     pretrain_steps: int = 100
     batch_size: int = 8
@@ -45,6 +47,8 @@ class DemoSettings:
     adapt: str = "feature_gan"
     tasks: list[str] = field(default_factory=lambda: ["linear_probe", "detection"])
     detection_steps: int = 60
+    probe_images: int = 2000
+    cutpaste_images: int = 240
     device: str = "auto"
 
 
@@ -94,16 +98,17 @@ def demo_overrides(cfg: DictConfig) -> dict[str, list[str]]:
                 f"trainer.eval_every={steps // 2}", f"trainer.warmup_steps={min(20, steps // 5)}",
                 f"trainer.device={d.device}", "data.holdout=0.25", f"data.augment.size={d.resolution}",
                 f"objective=[{','.join(d.objectives)}]", f"adapt={d.adapt}"]
+    n = d.cutpaste_images * d.scale
+    splits = f"{{train: {2 * n // 3}, val: {max(1, n // 12)}, test: {max(1, n // 4)}}}"
     transfer = [f"checkpoint={out / 'pretrain'}", f"tasks=[{','.join(d.tasks)}]", f"out_dir={out / 'transfer'}",
                 f"device={d.device}", f"data.detection.build.out_dir={out / 'cutpaste'}",
                 f"data.segmentation.build.out_dir={out / 'cutpaste'}",
-                "+data.detection.build.n_images={train: 160, val: 20, test: 60}",
-                "+data.segmentation.build.n_images={train: 160, val: 20, test: 60}",
+                f"+data.detection.build.n_images={splits}", f"+data.segmentation.build.n_images={splits}",
                 "data.detection.build.size=96", "data.segmentation.build.size=96",
                 f"budget.detection.steps={d.detection_steps * d.scale}", "budget.detection.min_size=96",
                 "budget.detection.max_size=96", "+budget.detection.fpn_channels=64",
-                f"data.classification.train.max_images={2000 * d.scale}",
-                f"data.classification.test.max_images={1000 * d.scale}"]
+                f"data.classification.train.max_images={d.probe_images * d.scale}",
+                f"data.classification.test.max_images={max(10, d.probe_images * d.scale // 2)}"]
     return {"render": render, "pretrain": pretrain, "transfer": transfer}
 
 

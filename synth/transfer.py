@@ -91,6 +91,7 @@ def check_config(cfg: DictConfig) -> None:
         node = cfg.data[group]
         if node is None:
             raise ValueError(f"task {task} needs data.{group}: pick one with transfer/{group}=...")
+        OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # names any ??? left to fill in
         for split, split_node in node.items():
             if isinstance(split_node, DictConfig) and "_target_" in split_node:
                 _check_target_keys(split_node, f"data.{group}.{split}")
