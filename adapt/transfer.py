@@ -214,7 +214,7 @@ def load_objective_state(checkpoint: str | os.PathLike, name: str) -> tuple[dict
     # `synth pretrain` keeps the adversary's config under `adapt` (objective name "adapt"), the others under
     # `objective.<name>`.
     node = configs.get(name) or (state.get("config") or {}).get(name) or {}
-    kwargs = {k: v for k, v in dict(node).items() if k not in ("_target_", "weight")}
+    kwargs = {k: v for k, v in dict(node).items() if not k.startswith("_") and k != "weight"}  # _target_, _convert_
     return kwargs, weights
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from adapt.transfer import ResultRow, format_table, read_results, write_results
 
@@ -165,6 +165,23 @@ def bar_chart(rows: list[ResultRow], path: Path, columns: list[str]) -> Path:
     return path
 
 
+def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
+    """The rows of the summary table: per-stage metrics at the last stage only, the gap as classifier accuracy and
+    RBF MMD (``results_full.md`` and ``results.csv`` keep every stage and measure)."""
+    stages = [r.metric.split("@")[1] for r in rows if r.task == "linear_probe" and "@" in r.metric]
+    stages = stages or [r.metric.split("@")[1] for r in rows if "@" in r.metric]
+    last = stages[-1] if stages else None
+    keep = []
+    for row in rows:
+        metric, _, stage = row.metric.partition("@")
+        if stage and stage != last:
+            continue
+        if row.task == "gap" and metric not in ("domain_acc", "mmd_rbf"):
+            continue
+        keep.append(row)
+    return keep
+
+
 def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     """Render once, pretrain every arm for every seed, transfer all of a seed's checkpoints together, tabulate."""
     from synth.cli import compose, render
@@ -190,16 +207,18 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
             rows += _summary_rows(json.loads(summary_path.read_text()), arm, seed)
             checkpoints[arm] = str(run)
         results = out / "transfer" / f"seed{seed}"
-        if not (results / "results.csv").exists():
+        done = results / "complete.json"  # results.csv is rewritten after each checkpoint: not a completion mark
+        if not done.exists():
             print(f"\n== transfer seed {seed}: {', '.join(['random', *checkpoints])}")
             transfer_job(compose("synth_transfer", [f"out_dir={results}", f"seed={seed}", *cfg.transfer,
-                                                    *(f"checkpoints.{k}={v}" for k, v in checkpoints.items())]))
+                                                    *(f"+checkpoints.{k}={v}" for k, v in checkpoints.items())]))
+            done.write_text(json.dumps({"checkpoints": checkpoints}))
         rows += read_results(results / "results.csv")
-    write_results(rows, out)
-    columns = [c for c in dict.fromkeys(f"{r.task}/{r.metric}" for r in rows)
-               if not c.startswith(("gap/mmd", "gap/pad"))]
-    table = format_table(rows)
-    bar_chart(rows, out / "ablation.png", columns)
+    write_results(rows, out)  # every number: every stage, every gap measure
+    (out / "results_full.md").write_text(format_table(rows) + "\n")
+    headline = headline_rows(rows)
+    table = format_table(headline)
+    bar_chart(headline, out / "ablation.png", list(dict.fromkeys(f"{r.task}/{r.metric}" for r in headline)))
     minutes = (time.perf_counter() - tic) / 60
     header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds (mean ± sd over seeds; in brackets the "
               f"difference to random init)\n\nwall time of this invocation: {minutes:.1f} min\n\n")
@@ -210,6 +229,7 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
 
 def check_experiment(cfg: DictConfig) -> None:
     """Compose every arm's pretraining config and the transfer config (a typo fails before any work)."""
+    import synth.pretrain  # noqa: F401  (registers the pretraining schemas the arms compose against)
     from synth.cli import compose
     from synth.transfer import check_config as check_transfer
 
@@ -219,7 +239,7 @@ def check_experiment(cfg: DictConfig) -> None:
     check_transfer(compose("synth_transfer", list(cfg.transfer)))
     if not cfg.seeds:
         raise ValueError("seeds is empty")
-    OmegaConf.to_container(cfg, resolve=True)
 
 
-__all__ = ["DemoApp", "ExperimentApp", "artefacts", "bar_chart", "check_experiment", "demo_overrides", "run_experiment"]
+__all__ = ["DemoApp", "ExperimentApp", "artefacts", "bar_chart", "check_experiment", "demo_overrides", "headline_rows",
+           "run_experiment"]
