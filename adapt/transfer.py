@@ -799,6 +799,12 @@ def _coco_results(predictions: Sequence[Mapping], image_ids: Sequence[int], cate
         labels = torch.as_tensor(prediction["labels"]).reshape(-1)
         if not len(boxes) == len(scores) == len(labels):
             raise ValueError(f"prediction for image {image_id}: boxes, scores and labels differ in length")
+        # Label 0 is the background slot: RetinaNet and FCOS score it with a sigmoid like any class, so at a low
+        # score threshold it shows up among their detections. It is not a detection of anything.
+        foreground = labels != 0
+        boxes, scores, labels = boxes[foreground], scores[foreground], labels[foreground]
+        if "masks" in prediction:
+            prediction = {**prediction, "masks": torch.as_tensor(prediction["masks"])[foreground]}
         unknown = sorted({int(lab) for lab in labels} - set(categories))
         if unknown:
             raise ValueError(f"prediction for image {image_id}: labels {unknown} are not dataset categories")

@@ -519,12 +519,15 @@ class Engine:
 
     @torch.no_grad()
     def write_pictures(self) -> list[Path]:
-        """PNGs of input / predicted / true maps on a held-out batch of each domain, for the objectives of that
-        domain that can ``predict`` (``pictures/step_N.png`` for rendered frames, ``step_N_real.png`` for real)."""
+        """PNGs of input / predicted / true maps on a held-out batch of each domain (training frames if none is
+        held out), for the objectives of that domain that can ``predict`` (``pictures/step_N.png`` for rendered
+        frames, ``step_N_real.png`` for real)."""
         from synth.plots import prediction_grid
 
         paths = []
-        for domain, dataset in self.eval_datasets.items():
+        for domain in self.datasets:
+            # Held-out frames when there are any; a tiny dataset may hold out none, then its training frames.
+            dataset = self.eval_datasets.get(domain, self.datasets[domain])
             heads = {n: o for n, o in self.model.objectives.items()
                      if hasattr(o, "predict") and hasattr(o, "target") and domain in o.domains}
             if not heads:
