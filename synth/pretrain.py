@@ -127,7 +127,9 @@ def build_engine(cfg: DictConfig) -> Engine:
     data = cfg.data
     datasets, eval_datasets = {}, {}
     measure = {}  # domain -> [held-out, training] datasets without augmentation, for the domain-gap monitor
-    if any("synthetic" in o.domains for o in objectives.values()):
+    gap = "domain_gap" in cfg.monitor  # measured on both domains even when only one is trained on
+    if any("synthetic" in o.domains for o in objectives.values()) or gap:
+        trains = any("synthetic" in o.domains for o in objectives.values())
         augment = instantiate(data.augment)
         missing = [r for r in data.roots if not list_frames(r)] if not data.streaming else []
         if missing:
@@ -135,16 +137,22 @@ def build_engine(cfg: DictConfig) -> Engine:
                                     f"out_dir={missing[0]}` first")
         eval_augment = instantiate(data.augment, train=False)
         if data.streaming:
-            datasets["synthetic"] = StreamingFrames(list(data.roots), augment=augment, seed=trainer.seed)
-            eval_datasets["synthetic"] = RenderedFrames(list(data.roots), augment=eval_augment, seed=trainer.seed)
+            held_out = RenderedFrames(list(data.roots), augment=eval_augment, seed=trainer.seed)
+            if trains:
+                datasets["synthetic"] = StreamingFrames(list(data.roots), augment=augment, seed=trainer.seed)
+                eval_datasets["synthetic"] = held_out
+            measure["synthetic"] = [held_out]
         else:
             pool = RenderedFrames(list(data.roots), augment=augment, seed=trainer.seed, verify=data.verify)
             train, held = split_by_scene(pool, data.holdout)
-            datasets["synthetic"] = pool.subset(train)
-            if held:
-                eval_datasets["synthetic"] = pool.subset(held, augment=eval_augment)
-            measure["synthetic"] = [eval_datasets.get("synthetic"), pool.subset(train, augment=eval_augment)]
-    if any("real" in o.domains for o in objectives.values()) or "domain_gap" in cfg.monitor:
+            if trains:
+                datasets["synthetic"] = pool.subset(train)
+                if held:
+                    eval_datasets["synthetic"] = pool.subset(held, augment=eval_augment)
+            measure["synthetic"] = [pool.subset(held, augment=eval_augment) if held else None,
+                                    pool.subset(train, augment=eval_augment)]
+    if any("real" in o.domains for o in objectives.values()) or gap:
+        trains = any("real" in o.domains for o in objectives.values())
         if data.real is None:
             raise ValueError("an objective or monitor reads real images but data.real is null; "
                              "pick one with data/real=offline")
@@ -154,10 +162,11 @@ def build_engine(cfg: DictConfig) -> Engine:
         train, held = pool.split(holdout)
         if not train:
             raise ValueError(f"data.real.holdout={holdout} leaves no real training image out of {len(pool)}")
-        datasets["real"] = pool.subset(train)
-        if held:
-            eval_datasets["real"] = pool.subset(held, train=False)
-        measure["real"] = [eval_datasets.get("real"), pool.subset(train, train=False)]
+        if trains:
+            datasets["real"] = pool.subset(train)
+            if held:
+                eval_datasets["real"] = pool.subset(held, train=False)
+        measure["real"] = [pool.subset(held, train=False) if held else None, pool.subset(train, train=False)]
     return Engine(backbone=backbone, objectives=objectives, weights=weights, datasets=datasets,
                   settings=trainer, out_dir=cfg.out_dir, eval_datasets=eval_datasets,
                   config=plain_config(cfg), monitors=build_monitors(cfg, measure))
