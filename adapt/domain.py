@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.common import batch_generator
-from synth.backbone import stage_channels
+from synth.backbone import resolve_stage
 
 #: Label of real features in every domain loss here (synthetic is 0).
 REAL, SYNTHETIC = 1.0, 0.0
@@ -108,14 +108,6 @@ def dann_coefficient(step: int, total_steps: int, gamma: float = 10.0, max_coeff
 # Shared helpers
 # ---------------------------------------------------------------------------------------------------------------
 
-
-def _resolve_stage(owner: str, backbone_arch: str, stage: str | None) -> tuple[str, int]:
-    """(stage name, its channels); ``None`` is the last stage. Raises ValueError naming ``owner`` otherwise."""
-    available = stage_channels(backbone_arch)
-    stage = list(available)[-1] if stage is None else stage
-    if stage not in available:
-        raise ValueError(f"{owner}: stage {stage!r} is not a stage of {backbone_arch} ({list(available)})")
-    return stage, available[stage]
 
 
 def _domain_batches(owner: str, batches: Mapping[str, Mapping]) -> tuple[Mapping, Mapping]:
@@ -263,7 +255,7 @@ class FeatureGAN(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"FeatureGAN: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.backbone_arch = backbone_arch
-        self.stage, self.in_channels = _resolve_stage("FeatureGAN", backbone_arch, stage)
+        self.stage, self.in_channels = resolve_stage("FeatureGAN", backbone_arch, stage)
         self.history_size = history_size
         self.label_smoothing = label_smoothing
         self.discriminator = PatchDiscriminator(self.in_channels, channels)
@@ -417,7 +409,7 @@ class DANN(nn.Module):
                  gamma: float = 10.0, max_coeff: float = 1.0):
         super().__init__()
         self.backbone_arch = backbone_arch
-        self.stage, self.in_channels = _resolve_stage("DANN", backbone_arch, stage)
+        self.stage, self.in_channels = resolve_stage("DANN", backbone_arch, stage)
         self.gamma = gamma
         self.max_coeff = max_coeff
         self.classifier = nn.Sequential(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pretext.augment import ContrastiveAugment
 from pretext.common import batch_generator
-from synth.backbone import Backbone, stage_channels
+from synth.backbone import Backbone, resolve_stage
 
 #: The domains an objective may consume.
 _DOMAINS = ("synthetic", "real")
@@ -233,13 +233,6 @@ def _check_domains(owner: str, domains: tuple[str, ...] | list[str]) -> tuple[st
     return domains
 
 
-def _resolve_stage(owner: str, backbone_arch: str, stage: str | None) -> tuple[str, int]:
-    channels = stage_channels(backbone_arch)
-    stage = tuple(channels)[-1] if stage is None else stage
-    if stage not in channels:
-        raise ValueError(f"{owner}: stage {stage!r} is not one of {backbone_arch}'s {list(channels)}")
-    return stage, channels[stage]
-
 
 def _pooled(backbone: nn.Module, views: Tensor, stage: str) -> Tensor:
     """Global-average-pooled ``stage`` features :math:`(B, C)` of ``views``."""
@@ -304,7 +297,7 @@ class SimCLR(nn.Module):
             raise ValueError(f"SimCLR: temperature must be > 0, got {temperature}")
         self.domains = _check_domains("SimCLR", domains)
         self.backbone_arch = backbone_arch
-        self.stage, channels = _resolve_stage("SimCLR", backbone_arch, stage)
+        self.stage, channels = resolve_stage("SimCLR", backbone_arch, stage)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
         self.augment = ContrastiveAugment(size=augment_size, scale=augment_scale)
@@ -422,7 +415,7 @@ class MoCoV2(nn.Module):
         if queue_size < 1 or bn_splits < 1:
             raise ValueError(f"MoCoV2: queue_size and bn_splits must be >= 1, got {queue_size}, {bn_splits}")
         self.backbone_arch = backbone_arch
-        self.stage, channels = _resolve_stage("MoCoV2", backbone_arch, stage)
+        self.stage, channels = resolve_stage("MoCoV2", backbone_arch, stage)
         self.temperature = temperature
         self.momentum = momentum
         self.bn_splits = bn_splits

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pretext.common import batch_generator, denormalize, normalize
 from pretext.synthetic import Decoder
-from synth.backbone import Backbone, stage_channels
+from synth.backbone import Backbone, resolve_stages
 
 #: sRGB (linear) to CIE XYZ, as in ``skimage.color.colorconv.xyz_from_rgb``.
 _XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423],
@@ -318,15 +318,9 @@ class _RealImageObjective(nn.Module):
 
     def __init__(self, out_channels: int, backbone_arch: str, stages: list[str] | None, channels: int):
         super().__init__()
-        available = stage_channels(backbone_arch)
-        stages = tuple(available)[-4:] if stages is None else tuple(stages)
-        unknown = [s for s in stages if s not in available]
-        if unknown or not stages:
-            raise ValueError(f"{type(self).__name__}: stages {list(stages)} not among {backbone_arch}'s "
-                             f"{list(available)}")
-        self.stages: tuple[str, ...] = tuple(s for s in available if s in stages)
+        self.stage_channels: dict[str, int] = resolve_stages(type(self).__name__, backbone_arch, stages)
+        self.stages: tuple[str, ...] = tuple(self.stage_channels)
         self.backbone_arch = backbone_arch
-        self.stage_channels: dict[str, int] = {s: available[s] for s in self.stages}
         self.decoder = Decoder(list(self.stage_channels.values()), channels=channels, out_channels=out_channels)
 
     def _decode(self, inputs: Tensor, backbone: Backbone, size: tuple[int, int]) -> Tensor:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.common import batch_generator, denormalize, normalize
-from synth.backbone import Backbone, stage_channels
+from synth.backbone import Backbone, resolve_stage
 
 #: (row, column) offset of the neighbour patch for each relative-position label: row-major over the 3x3 layout with
 #: the centre left out, as Doersch et al. number them (their 1..8 are 0..7 here).
@@ -517,13 +517,8 @@ class _PoolingClassifierObjective(nn.Module):
 
     def __init__(self, backbone_arch: str, stage: str | None):
         super().__init__()
-        channels = stage_channels(backbone_arch)
-        if stage is not None and stage not in channels:
-            raise ValueError(f"{type(self).__name__}: stage {stage!r} is not one of {backbone_arch}'s "
-                             f"{list(channels)}")
         self.backbone_arch = backbone_arch
-        self.stage: str = list(channels)[-1] if stage is None else stage
-        self.feature_dim: int = channels[self.stage]
+        self.stage, self.feature_dim = resolve_stage(type(self).__name__, backbone_arch, stage)
 
     def pooled(self, backbone: Backbone, inputs: Tensor, like: Tensor) -> Tensor:
         """Globally average-pooled features of ``self.stage`` for ``inputs``, laid out in memory like ``like``.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synth.backbone import Backbone, stage_channels
+from synth.backbone import Backbone, resolve_stages
 
 #: Thresholds at which :func:`contour_prf` looks for the best F-score.
 DEFAULT_CONTOUR_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
@@ -422,16 +422,9 @@ class SyntheticObjective(nn.Module):
     def __init__(self, out_channels: int, backbone_arch: str = "resnet18", stages: list[str] | None = None,
                  channels: int = 64):
         super().__init__()
-        available = stage_channels(backbone_arch)
-        stages = tuple(available)[-4:] if stages is None else tuple(stages)
-        unknown = [s for s in stages if s not in available]
-        if unknown or not stages:
-            raise ValueError(f"{type(self).__name__}: stages {list(stages)} not among {backbone_arch}'s "
-                             f"{list(available)}")
-        # Finest first, whatever order they were given in, so the decoder's top-down path is well defined.
-        self.stages: tuple[str, ...] = tuple(s for s in available if s in stages)
+        self.stage_channels: dict[str, int] = resolve_stages(type(self).__name__, backbone_arch, stages)
+        self.stages: tuple[str, ...] = tuple(self.stage_channels)
         self.backbone_arch = backbone_arch
-        self.stage_channels: dict[str, int] = {s: available[s] for s in self.stages}
         self.decoder = Decoder(list(self.stage_channels.values()), channels=channels, out_channels=out_channels)
 
     def decode(self, batch: Mapping[str, Tensor], backbone: Backbone) -> Tensor:

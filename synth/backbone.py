@@ -39,6 +39,34 @@ def stage_channels(arch: str) -> dict[str, int]:
     return dict(STAGE_CHANNELS[arch])
 
 
+def resolve_stage(owner: str, arch: str, stage: str | None) -> tuple[str, int]:
+    """(stage name, its channels) for a head that reads one stage of an ``arch`` backbone; ``None`` is the last.
+
+    Raises:
+        ValueError: ``stage`` is not a stage of ``arch``; the message names ``owner``.
+    """
+    available = stage_channels(arch)
+    stage = list(available)[-1] if stage is None else stage
+    if stage not in available:
+        raise ValueError(f"{owner}: stage {stage!r} is not one of {arch}'s {list(available)}")
+    return stage, available[stage]
+
+
+def resolve_stages(owner: str, arch: str, stages: Sequence[str] | None) -> dict[str, int]:
+    """``{stage: channels}`` finest first, for a decoder over several stages; ``None`` is the last four.
+
+    Raises:
+        ValueError: a stage is unknown or none is given; the message names ``owner``.
+    """
+    available = stage_channels(arch)
+    stages = tuple(available)[-4:] if stages is None else tuple(stages)
+    unknown = [s for s in stages if s not in available]
+    if unknown or not stages:
+        raise ValueError(f"{owner}: stages {list(stages)} not among {arch}'s {list(available)}")
+    # Finest first, whatever order they were given in, so a decoder's top-down path is well defined.
+    return {s: available[s] for s in available if s in stages}
+
+
 class Backbone(nn.Module):
     """A torchvision classification network built with ``weights=None``, cut into named stages.
 
@@ -210,4 +238,5 @@ def pooled_features(backbone: nn.Module, images: Tensor, stages: Sequence[str] |
     return {stage: torch.cat(values) for stage, values in chunks.items()}
 
 
-__all__ = ["ARCHS", "STAGE_CHANNELS", "Backbone", "pooled_features", "stage_channels"]
+__all__ = ["ARCHS", "STAGE_CHANNELS", "Backbone", "pooled_features", "resolve_stage", "resolve_stages",
+           "stage_channels"]
