@@ -315,7 +315,13 @@ def _blend(canvas: np.ndarray, rgb: np.ndarray, mask: np.ndarray, mode: str, rng
         src = cv2.copyMakeBorder(np.clip(rgb, 0, 255).astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_REFLECT)
         region = np.pad(mask, pad).astype(np.uint8) * 255
         x, y, w, h = cv2.boundingRect(region)
-        cloned = cv2.seamlessClone(src, dst, region, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+        try:
+            cloned = cv2.seamlessClone(src, dst, region, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+        except cv2.error:
+            # OpenCV rejects some small or thin silhouettes (an assertion inside its solver); such a paste is
+            # feathered instead, deterministically, as the failure depends only on the inputs.
+            _blend(canvas, rgb, mask, "feathered", rng)
+            return
         cloned = cloned[pad:-pad, pad:-pad].astype(np.float32)
         # Cloning the whole object washes out weakly textured objects until they vanish into the background (seen
         # on contact sheets: labelled but invisible objects); keep the cloned colours only in a 2-4 px seam.
