@@ -16,13 +16,6 @@ PLAIN = {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "flip_p": 0.0}
 WHOLE = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these ops are tiny, and the test machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def generator(seed: int = 0) -> torch.Generator:

@@ -29,13 +29,6 @@ from synth.engine import MultiTask
 WORLD = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the test machine's cores are shared, and these shapes have little to split."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def generator(seed: int = 0) -> torch.Generator:

@@ -28,15 +28,6 @@ from pretext.generative import (
 from synth.backbone import Backbone
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test (the machine's 2 cores are shared; small ops gain nothing from two)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def photos(size=64, names=("astronaut", "coffee", "chelsea")):
     """scikit-image's bundled photos, centre-cropped square and resized to ``size``, ImageNet-normalised."""
     images = []

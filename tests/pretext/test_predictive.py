@@ -28,13 +28,6 @@ from synth.backbone import Backbone
 OBJECTIVES = {"rotation": RotationPrediction, "jigsaw": Jigsaw, "relative_position": RelativePatchPosition}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: ops on 32-64 pixel inputs have little to split, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_images(count, size, seed=0):

@@ -24,18 +24,6 @@ from synth.backbone import Backbone
 HEADS = {"depth": DepthHead, "normals": NormalHead, "contours": ContourHead}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one intra-op thread, then restore the setting.
-
-    Measured on the 2-core machine while other processes kept it busy: the overfit test's 60 steps took about
-    5 s on one thread and 15-47 s on two, which wait for each other at every op; ops on 32x32 images have little
-    to split.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def image_tensor(rows):
