@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +16,14 @@ def rendered_dataset(tmp_path_factory):
                     "render.width=48", "render.height=48", "scene.views=2", "label_check.frames=1", "preview=false"],
                    cwd=root, check=True, capture_output=True, text=True)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, restored after the test: ops on 32-64 px inputs have little to split, and on the shared
+    2-core machine two threads wait for each other at every op (an overfit test took about 5 s on one thread and
+    15-47 s on two). Packages of small-tensor tests turn it on for all their tests in their conftest."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

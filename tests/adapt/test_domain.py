@@ -14,15 +14,6 @@ from adapt.gap import mmd2
 from synth.backbone import Backbone
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (the machine is shared; these tensors are too small to split)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randn(*shape, seed=0, requires_grad=False):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(requires_grad)
 

@@ -23,12 +23,6 @@ from synth.backbone import Backbone
 METRICS = ("domain_acc", "mmd_linear", "mmd_rbf", "pad")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def gaussian(n, d, seed, shift=0.0):

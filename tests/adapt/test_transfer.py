@@ -41,16 +41,6 @@ from pretext.synthetic import DepthHead
 from synth.backbone import Backbone
 from synth.engine import MultiTask
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops gain nothing from two, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --- tiny datasets following the data conventions ----------------------------------------------------------------
 
 

@@ -8,14 +8,7 @@ import torchvision
 
 from synth.backbone import ARCHS, STAGE_CHANNELS, Backbone, stage_channels
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test, restored after: tiny inputs, and two threads stall on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

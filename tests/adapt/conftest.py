@@ -1,0 +1,8 @@
+"""Fixtures shared by the adapt tests."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every adapt test runs on one intra-op thread (see ``one_thread`` in tests/conftest.py)."""
