@@ -23,8 +23,6 @@ Run: ``python bench/augment.py [--device cuda] [--batch 64] [--size 64] [--iters
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from torchvision.transforms import v2 as T
@@ -34,20 +32,7 @@ from pretext.common import denormalize
 from synth.data import IMAGENET_MEAN, IMAGENET_STD
 from synth.real import RealImages
 
-
-def median_s(step, warmup: int, iters: int, device: torch.device) -> float:
-    """Median seconds of ``step()`` over ``iters`` calls after ``warmup`` calls, synchronised on CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def torchvision_pipeline(augment: ContrastiveAugment) -> T.Compose:
@@ -91,13 +76,16 @@ def main() -> None:
 
     rgb = list(denormalize(images).clamp(0.0, 1.0))  # what a loader holds before normalising
     cpu = torch.device("cpu")
-    rates = {"ours (batched, cpu)": args.batch / median_s(ours(images), args.warmup, args.iters, cpu),
-             "torchvision v2 per-sample (cpu)": args.batch / median_s(per_sample(rgb), args.warmup, args.iters, cpu)}
+
+    def rate(step, on: torch.device) -> float:
+        return args.batch / median_seconds(step, args.warmup, args.iters, on)
+
+    rates = {"ours (batched, cpu)": rate(ours(images), cpu),
+             "torchvision v2 per-sample (cpu)": rate(per_sample(rgb), cpu)}
     if device.type == "cuda":
         on_device = images.to(device)
-        rates["ours (batched, cuda)"] = args.batch / median_s(ours(on_device), args.warmup, args.iters, device)
-        rates["torchvision v2 per-sample (cuda)"] = args.batch / median_s(
-            per_sample([x.to(device) for x in rgb]), args.warmup, args.iters, device)
+        rates["ours (batched, cuda)"] = rate(ours(on_device), device)
+        rates["torchvision v2 per-sample (cuda)"] = rate(per_sample([x.to(device) for x in rgb]), device)
 
     where = f"CPU x{torch.get_num_threads()} threads"
     if device.type == "cuda":

@@ -26,9 +26,7 @@ Run: ``python bench/objectives.py [--device cuda] [--arch resnet18] [--batch 16]
 
 import argparse
 import contextlib
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +37,8 @@ from synth.backbone import Backbone, stage_channels
 from synth.engine import Engine, TrainerSettings
 from synth.pretrain import OBJECTIVES
 from synth.real import RealImages
+
+from timing import median_seconds
 
 ADVERSARIES = {"feature_gan": FeatureGAN, "dann": DANN}
 
@@ -57,21 +57,6 @@ class PlainClassifier(nn.Module):
 
     def forward(self, batch, backbone):
         return {"loss": F.cross_entropy(self.fc(backbone.pooled(batch["image"])).float(), self.labels)}
-
-
-def median_ms(step, warmup: int, iters: int, device: torch.device) -> float:
-    """Median milliseconds of ``step()`` over ``iters`` calls after ``warmup`` calls, synchronised on CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def build(name: str, args) -> nn.Module:
@@ -168,8 +153,11 @@ def main() -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     image, target = batches["real"]["image"], labels.to(device)
-    rows = {"plain": (median_ms(plain_step_fn(args.arch, image, target, settings, autocast), args.warmup, args.iters,
-                                device), None)}
+
+    def milliseconds(step) -> float:
+        return 1000 * median_seconds(step, args.warmup, args.iters, device)
+
+    rows = {"plain": (milliseconds(plain_step_fn(args.arch, image, target, settings, autocast)), None)}
 
     def engine_ms(objectives: dict[str, nn.Module]) -> float:
         domains = {d for o in objectives.values() for d in o.domains}
@@ -179,8 +167,7 @@ def main() -> None:
             engine = Engine(backbone=Backbone(args.arch), objectives=objectives,
                             weights=dict.fromkeys(objectives, 1.0), settings=settings, out_dir=out,
                             datasets={d: [cpu_batches[d]] for d in domains})
-            return median_ms(lambda: engine.train_step({d: dict(batches[d]) for d in domains}, with_metrics=False),
-                             args.warmup, args.iters, device)
+            return milliseconds(lambda: engine.train_step({d: dict(batches[d]) for d in domains}, with_metrics=False))
 
     channels = list(stage_channels(args.arch).values())[-1]
     rows["plain (engine)"] = (engine_ms({"plain": PlainClassifier(channels, labels)}), None)
