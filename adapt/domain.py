@@ -264,6 +264,7 @@ class FeatureGAN(nn.Module):
             # DDP's reference to the buffer stays valid, and resized before loading a checkpoint.
             self.register_buffer("history", torch.zeros(0))
             self.register_buffer("history_count", torch.zeros((), dtype=torch.long))
+        self._count = 0  # history_count's value on the host: reading the buffer every step would sync the device
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         """The parameters of :math:`D`, for the engine's discriminator optimizer."""
@@ -334,16 +335,33 @@ class FeatureGAN(nn.Module):
         batch = features.shape[0]
         coins = torch.rand(batch, generator=generator).tolist()
         slots = torch.randint(self.history_size, (batch,), generator=generator).tolist()
-        count = int(self.history_count)
+        # The example-by-example rule, planned on the host and applied with three indexed copies (a Python loop of
+        # per-example copies costs milliseconds of kernel launches on a GPU). held[slot] = the example that the
+        # slot holds once this batch is through; slots not in it keep their pool entry.
+        n_fill = min(batch, self.history_size - self._count)
+        held = {self._count + i: i for i in range(n_fill)}
+        from_pool, from_batch = [], []  # (example, slot whose old entry it gets), (example, earlier example)
+        for i in range(n_fill, batch):  # the pool is full from here on
+            if coins[i] < 0.5:
+                slot = slots[i]
+                if slot in held:
+                    from_batch.append((i, held[slot]))
+                else:
+                    from_pool.append((i, slot))
+                held[slot] = i
         mixed = features.clone()
-        for i in range(batch):
-            if count < self.history_size:
-                self.history[count] = features[i]
-                count += 1
-            elif coins[i] < 0.5:
-                mixed[i] = self.history[slots[i]].to(mixed.dtype)
-                self.history[slots[i]] = features[i]
-        self.history_count.fill_(count)
+        device = features.device
+        if from_pool:  # read before the pool is written
+            rows, pool_slots = (torch.tensor(column, device=device) for column in zip(*from_pool, strict=True))
+            mixed[rows] = self.history[pool_slots].to(mixed.dtype)
+        if from_batch:
+            rows, sources = (torch.tensor(column, device=device) for column in zip(*from_batch, strict=True))
+            mixed[rows] = features[sources]
+        if held:
+            written, sources = (torch.tensor(column, device=device) for column in zip(*held.items(), strict=True))
+            self.history[written] = features[sources].to(self.history.dtype)
+        self._count += n_fill
+        self.history_count.fill_(self._count)
         return mixed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -352,6 +370,8 @@ class FeatureGAN(nn.Module):
         if self.history_size and stored is not None and stored.shape != self.history.shape:
             self.history.resize_(stored.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.history_size:
+            self._count = int(self.history_count)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -184,6 +184,44 @@ def test_history_pool_fills_then_swaps_past_inputs():
     torch.testing.assert_close(twin.history, gan.history)
 
 
+def reference_mix(pool: list, count: int, features, coins, slots):
+    """The pool rule example by example, as Shrivastava et al. state it: fill in order, then swap with p = 1/2."""
+    mixed = list(features)
+    for i, feature in enumerate(features):
+        if count < len(pool):
+            pool[count] = feature
+            count += 1
+        elif coins[i] < 0.5:
+            mixed[i], pool[slots[i]] = pool[slots[i]], feature
+    return mixed, count
+
+
+@pytest.mark.parametrize(("size", "batches"), [(4, [3, 3, 8, 8]), (3, [5, 16]), (16, [6, 6, 6, 16])])
+def test_history_pool_matches_the_example_by_example_rule(size, batches):
+    # Batches that straddle the fill and the swaps, and batches larger than the pool (one slot drawn twice).
+    gan = FeatureGAN(stage="layer1", channels=8, history_size=size)
+    pool, count, value = [0.0] * size, 0, 1.0
+    for call, batch in enumerate(batches):
+        values = [value + i for i in range(batch)]
+        value += batch
+        generator = torch.Generator().manual_seed(call)
+        coins = torch.rand(batch, generator=generator).tolist()
+        slots = torch.randint(size, (batch,), generator=generator).tolist()
+        expected, count = reference_mix(pool, count, values, coins, slots)
+        mixed = gan.mix_history(constant_maps(values), torch.Generator().manual_seed(call))
+        assert mixed[:, 0, 0, 0].tolist() == expected
+        assert gan.history[:, 0, 0, 0].tolist() == pool
+        assert int(gan.history_count) == count
+    # Resuming from a checkpoint continues the same stream.
+    twin = FeatureGAN(stage="layer1", channels=8, history_size=size)
+    twin.load_state_dict(gan.state_dict())
+    probe = constant_maps([-1.0, -2.0, -3.0])
+    torch.testing.assert_close(twin.mix_history(probe, torch.Generator().manual_seed(9)),
+                               gan.mix_history(probe, torch.Generator().manual_seed(9)))
+    torch.testing.assert_close(twin.history, gan.history)
+    assert int(twin.history_count) == int(gan.history_count)
+
+
 def test_discriminator_loss_feeds_the_history_pool():
     gan = FeatureGAN(stage="layer1", channels=8, history_size=3)
     maps = constant_maps([1, 2])
