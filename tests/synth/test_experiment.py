@@ -7,7 +7,7 @@ import pytest
 
 from adapt.transfer import ResultRow
 from synth.cli import compose, main
-from synth.experiment import bar_chart, demo_overrides
+from synth.experiment import bar_chart, check_experiment, demo_overrides
 
 
 @pytest.mark.slow
@@ -61,6 +61,14 @@ def test_experiment_arms_compose_and_bad_arm_override_is_reported(tmp_path, monk
     assert main(["experiment=ablation", "pretrain=[trainer.stepz=3]"]) == 2
     assert "stepz" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["ablation", "ablation_gpu", "smoke"])
+def test_every_shipped_experiment_passes_its_check(name):
+    # Composes every arm's pretraining config and the transfer config, as `synth experiment=NAME` does first.
+    cfg = compose("synth_experiment", [f"experiment={name}"])
+    check_experiment(cfg)
+    assert cfg.name == name
 
 
 def test_bar_chart_has_mean_and_spread_over_seeds(tmp_path):
