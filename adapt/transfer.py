@@ -501,8 +501,8 @@ def fit_linear_probes(features: Mapping[str, np.ndarray], train_y: np.ndarray, s
     if (len(train_y) >= min_train_for_selection and len(c_grid) > 1
             and len(np.unique(train_y[fit_part])) >= 2):
         jobs = [(name, c) for name in names for c in c_grid]
-        fitted = parallel(delayed(_fit_probe)(features[name][fit_part], train_y[fit_part], c, max_iter)
-                          for name, c in jobs)
+        fit_x = {name: features[name][fit_part] for name in names}  # one copy per set, not one per C
+        fitted = parallel(delayed(_fit_probe)(fit_x[name], train_y[fit_part], c, max_iter) for name, c in jobs)
         scores: dict[str, list[float]] = {name: [] for name in names}
         for (name, _), probe in zip(jobs, tqdm(fitted, total=len(jobs), desc="linear probe: choose C",
                                                unit="fit", leave=False), strict=True):
