@@ -38,6 +38,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from synth.constants import IMAGE_EXTENSIONS, OPENCV_DATA
 from synth.real import fashion_mnist, read_image
 
 #: The 20 PASCAL VOC object classes, in the order of the VOC devkit (label ``i + 1``).
@@ -51,13 +52,8 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 
-#: Where Debian's ``opencv-doc`` installs its sample images and videos.
-OPENCV_SAMPLES_DIR = "/usr/share/doc/opencv-doc/examples/data"
-
 #: Value marking pixels that a semantic-segmentation loss ignores (VOC's object borders).
 IGNORE_INDEX = 255
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -806,7 +802,7 @@ def middlebury_pairs() -> list[dict]:
         "depth": np.where(valid, _MOTORCYCLE_FOCAL_PX * _MOTORCYCLE_BASELINE_M / shifted, 0.0).astype(np.float32),
         "disparity_offset": _MOTORCYCLE_DOFFS_PX,
     })
-    root = Path(OPENCV_SAMPLES_DIR)
+    root = OPENCV_DATA
     if all((root / name).is_file() for name in ("aloeL.jpg", "aloeR.jpg", "aloeGT.png")):
         ground_truth = cv2.imread(str(root / "aloeGT.png"), cv2.IMREAD_UNCHANGED)
         if ground_truth is None or ground_truth.ndim != 2:

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from pretext.common import normalize
 from pretext.synthetic import Decoder, DepthHead, depth_metrics
 from synth.backbone import Backbone, pooled_features, stage_channels
-from synth.data import IMAGENET_MEAN, IMAGENET_STD
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.engine import NonFiniteLossError, lr_factor
 
 #: The tasks :func:`run_transfer` knows.

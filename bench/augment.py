@@ -29,7 +29,7 @@ from torchvision.transforms import v2 as T
 
 from pretext.augment import ContrastiveAugment
 from pretext.common import denormalize
-from synth.data import IMAGENET_MEAN, IMAGENET_STD
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.real import RealImages
 
 from timing import median_seconds

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.domain import DANN, FeatureGAN
+from apps.pretrain import OBJECTIVES
 from synth.backbone import Backbone, stage_channels
 from synth.engine import Engine, TrainerSettings
-from synth.pretrain import OBJECTIVES
 from synth.real import RealImages
 
 from timing import median_seconds

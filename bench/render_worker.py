@@ -300,7 +300,7 @@ def compare_pixels(shard_dir: Path, bare_dir: Path, *, scenes: int, views: int) 
     import cv2
     import png  # pypng: cv2.imread warns about the duplicate eXIf chunk that Blender writes
 
-    from render.reader import read_frame
+    from synth.frames import read_frame
 
     def noise(image: np.ndarray) -> float:
         grey = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2GRAY)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from synth.data import IMAGENET_MEAN, IMAGENET_STD
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def batch_generator(batch: Mapping, salt: str) -> torch.Generator:

@@ -2,7 +2,7 @@
 
 A dataset is ``n_frames`` frames from ``ceil(n_frames / views)`` scenes; scene ``s`` has the seed
 ``scene_seed(seed, s)`` and frames ``s * views + v``. Shards are fixed slices of ``scenes_per_shard`` scenes, so
-they are independent jobs (see :mod:`render.app`): more frames means more shards, never a bigger process.
+they are independent jobs (see :mod:`apps.render`): more frames means more shards, never a bigger process.
 
 Layout of a shard (everything written under a temporary name, then renamed)::
 
@@ -38,8 +38,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from render import labels
-from render.reader import read_frame, read_index, sha256
 from render.worker import PROGRESS_PREFIX, RenderSettings
+from synth.frames import read_frame, read_index, sha256
 from synth.sampling import SceneSampler, scene_seed
 
 

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from render import labels
-from render.reader import sha256
+from synth.frames import sha256
 from synth.scene import BACKGROUND_CATEGORY, SceneSpec
 
 PROGRESS_PREFIX = "@@synth2real "

@@ -1,6 +1,6 @@
 """Feed rendered frames to PyTorch training: label-consistent augmentation, datasets, a resumable sampler.
 
-A rendered frame (see :func:`render.reader.read_frame`) becomes a dict of tensors through :class:`FrameAugment`,
+A rendered frame (see :func:`synth.frames.read_frame`) becomes a dict of tensors through :class:`FrameAugment`,
 which applies the same geometric transform to the image and every label and photometric changes to the image
 only. Two datasets read dataset folders written by ``synth render``:
 
@@ -31,12 +31,11 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from render.reader import CorruptFrameError, list_frames, read_frame, sha256
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
+from synth.frames import CorruptFrameError, list_frames, read_frame, sha256
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Per-sample fields of variable length: collated as lists, everything else is stacked.
 LIST_FIELDS = ("boxes", "box_categories", "box_instances")
@@ -141,7 +140,7 @@ class FrameAugment:
         """Augment one frame.
 
         Args:
-            frame: A frame as returned by :func:`render.reader.read_frame` (numpy arrays of shape (H, W, ...)).
+            frame: A frame as returned by :func:`synth.frames.read_frame` (numpy arrays of shape (H, W, ...)).
             generator: Source of every random draw (unused when ``train=False``).
 
         Returns:

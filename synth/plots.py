@@ -11,10 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from render.preview import colorize_depth, colorize_normals
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
+from synth.preview import colorize_depth, colorize_normals
 
 
 def plot_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
@@ -51,7 +49,8 @@ def _to_rgb(kind: str, tensor: torch.Tensor) -> np.ndarray:
     """One sample's map (C,H,W) as (H,W,3) uint8, drawn like the render preview."""
     array = tensor.detach().float().cpu().numpy()
     if kind == "image":
-        return (np.clip(array.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
+        image = array.transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8)
     if kind == "rgb":  # an RGB prediction in [0, 1] (colorization, inpainting)
         return (np.clip(array.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
     if kind == "depth":

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
 from synth.backbone import pooled_features
-from synth.data import IMAGENET_MEAN, IMAGENET_STD
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.real import FASHION_MNIST_ROOT, fashion_mnist
 
 N_CLASSES = 10

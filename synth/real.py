@@ -26,15 +26,10 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from synth.data import IMAGENET_MEAN, IMAGENET_STD, FrameAugment, _derive_seed
+from synth.constants import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, OPENCV_DATA, VIDEO_EXTENSIONS
+from synth.data import FrameAugment, _derive_seed
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov")
-
-#: Sample data of the Debian package ``opencv-doc``.
-OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 
 #: Real photographs among the OpenCV samples, chosen by looking at every file. Left out: logos, drawings, renders
 #: (Blender_Suzanne*), charts, text and documents, synthetic shapes, masks, a disparity map, a painting

@@ -13,7 +13,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from adapt.datasets import (
-    OPENCV_SAMPLES_DIR,
     VOC_CLASSES,
     CocoDetection,
     CocoSemantic,
@@ -26,6 +25,7 @@ from adapt.datasets import (
     masks_to_boxes_exclusive,
     middlebury_pairs,
 )
+from synth.constants import OPENCV_DATA
 
 H, W = 16, 20
 
@@ -374,7 +374,7 @@ def _warp_error(pair: dict, scale: float) -> float:
 
 def test_middlebury_pairs():
     pairs = middlebury_pairs()
-    has_aloe = Path(OPENCV_SAMPLES_DIR, "aloeGT.png").is_file()
+    has_aloe = (OPENCV_DATA / "aloeGT.png").is_file()
     assert [p["name"] for p in pairs] == (["motorcycle", "aloe"] if has_aloe else ["motorcycle"])
     for pair in pairs:
         disparity, relative = pair["disparity"], pair["relative_depth"]

@@ -16,14 +16,14 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from render import labels
-from render.reader import CorruptFrameError, list_frames, read_frame, read_index
+from synth.frames import CorruptFrameError, list_frames, read_frame, read_index
 
 RES = 48
 COMMON = [f"render.width={RES}", f"render.height={RES}", "scene.views=2", "seed=3", "label_check.frames=4"]
 
 
 def synth(*args, cwd, check=True, **kwargs):
-    cmd = [sys.executable, "-m", "synth.cli", *args]
+    cmd = [sys.executable, "-m", "apps.cli", *args]
     return subprocess.run(cmd, cwd=cwd, check=check, capture_output=True, text=True, **kwargs)
 
 
@@ -119,7 +119,7 @@ def test_preview_grid_is_written(rendered):
 
 def test_kill_and_resume_leaves_every_frame_exactly_once(rendered, tmp_path):
     out = tmp_path / "resume"
-    cmd = [sys.executable, "-m", "synth.cli", "render", f"out_dir={out}", "n_frames=8", *COMMON]
+    cmd = [sys.executable, "-m", "apps.cli", "render", f"out_dir={out}", "n_frames=8", *COMMON]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     shard = out / "shard_00000"

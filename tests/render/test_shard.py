@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from render.reader import read_index
 from render.shard import (
     DatasetMismatchError,
     claim_manifest,
@@ -14,6 +13,7 @@ from render.shard import (
     write_index,
 )
 from render.worker import RenderSettings
+from synth.frames import read_index
 from synth.sampling import TabletopScene
 
 

@@ -3,7 +3,7 @@
 The frames are analytic: a tilted plane (depth and normals computed from the same plane equation), a
 fronto-parallel rectangle in front of it with a known box and instance id, a strip with no surface at the top,
 contours on both sides of every instance boundary (as ``render.labels.contours`` marks them) and an
-asymmetric colour pattern. They are written with the exact layout ``render.reader`` reads; nothing is rendered.
+asymmetric colour pattern. They are written with the exact layout ``synth.frames`` reads; nothing is rendered.
 """
 
 import hashlib
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from render.reader import FRAME_FIELDS, read_frame
 from synth.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +29,7 @@ from synth.data import (
     StreamingFrames,
     collate_frames,
 )
+from synth.frames import FRAME_FIELDS, read_frame
 
 H = W = 48
 FX = 40.0

@@ -102,7 +102,7 @@ def test_two_ddp_processes_end_with_identical_weights(rendered_dataset, tmp_path
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "synth.cli", "pretrain", f"data.roots=[{rendered_dataset}]", f"out_dir={out}",
+           "-m", "apps.cli", "pretrain", f"data.roots=[{rendered_dataset}]", f"out_dir={out}",
            "trainer.steps=4", "trainer.batch_size=2", "trainer.image_every=0", "trainer.eval_batches=1",
            "data.augment.size=32", "data.holdout=0.0"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -115,7 +115,7 @@ def test_two_ddp_processes_end_with_identical_weights(rendered_dataset, tmp_path
 
 
 def test_pretrain_cli_reports_bad_config_in_one_line(tmp_path, monkeypatch, capsys):
-    from synth.cli import main
+    from apps.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "trainer.optimiser=sgd"]) == 2

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from synth.data import IMAGENET_MEAN, IMAGENET_STD, StepSampler, collate_frames
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
+from synth.data import StepSampler, collate_frames
 from synth.real import (
     FASHION_MNIST_ROOT,
     CorruptImageError,

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from render.reader import list_frames, read_frame
+from synth.frames import list_frames, read_frame
 
 COLUMNS = ("rgb", "depth", "normals", "instances", "contours")
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from synth.cli import main
+from apps.cli import main
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -31,7 +31,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch, 
 
 
 def test_a_bad_key_in_a_config_file_names_the_file(tmp_path, monkeypatch, capsys):
-    import synth.cli as cli
+    import apps.cli as cli
 
     configs = tmp_path / "configs"
     import shutil
@@ -52,6 +52,6 @@ def test_unknown_command_and_help():
 
 
 def test_print_config_goes_through_hydra(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "synth.cli", "render", "--cfg", "job", "scene=room"],
+    result = subprocess.run([sys.executable, "-m", "apps.cli", "render", "--cfg", "job", "scene=room"],
                             cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "_target_: synth.sampling.RoomScene" in result.stdout

@@ -17,10 +17,10 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
-from render.reader import read_index
 from render.shard import n_shards, render_shard
 from render.worker import RenderSettings
 from synth.config import register
+from synth.frames import read_index
 from synth.sampling import RoomScene, TabletopScene
 
 
@@ -93,7 +93,7 @@ def summarize(cfg: DictConfig) -> str:
         lines.append(f"{k:>7} {frames:>7} {angle:>19}")
     lines.append(f"{'total':>7} {total:>7}")
     if cfg.preview and total:
-        from render.preview import write_preview
+        from synth.preview import write_preview
 
         path = write_preview(out_dir, out_dir / "preview.png", n_frames=cfg.preview_frames)
         lines.append(f"preview: {path}")

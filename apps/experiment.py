@@ -184,9 +184,9 @@ def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
 
 def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     """Render once, pretrain every arm for every seed, transfer all of a seed's checkpoints together, tabulate."""
-    from synth.cli import compose, render
-    from synth.pretrain import build_engine
-    from synth.transfer import transfer_job
+    from apps.cli import compose, render
+    from apps.pretrain import build_engine
+    from apps.transfer import transfer_job
 
     out = Path(cfg.out_dir)
     data = out / "data"
@@ -229,9 +229,9 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
 
 def check_experiment(cfg: DictConfig) -> None:
     """Compose every arm's pretraining config and the transfer config (a typo fails before any work)."""
-    import synth.pretrain  # noqa: F401  (registers the pretraining schemas the arms compose against)
-    from synth.cli import compose
-    from synth.transfer import check_config as check_transfer
+    import apps.pretrain  # noqa: F401  (registers the pretraining schemas the arms compose against)
+    from apps.cli import compose
+    from apps.transfer import check_config as check_transfer
 
     for overrides in cfg.arms.values():
         if overrides is not None:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from synth.cli import compose, main
-from synth.transfer import TASK_DATA, build_data
+from apps.cli import compose, main
+from apps.transfer import TASK_DATA, build_data
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -6,8 +6,8 @@ import cv2
 import pytest
 
 from adapt.transfer import ResultRow
-from synth.cli import compose, main
-from synth.experiment import bar_chart, check_experiment, demo_overrides
+from apps.cli import compose, main
+from apps.experiment import bar_chart, check_experiment, demo_overrides
 
 
 @pytest.mark.slow

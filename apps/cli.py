@@ -95,7 +95,7 @@ def checked(config_name: str, args: list[str], check: Callable[[DictConfig], obj
 
 
 def render(args: list[str]) -> None:
-    from render.app import check_config, render_job, shard_count
+    from apps.render import check_config, render_job, shard_count
 
     cfg = checked("synth_render", args, check_config)
     if cfg is None or cfg.shard is not None:
@@ -105,14 +105,14 @@ def render(args: list[str]) -> None:
 
 
 def pretrain(args: list[str]) -> None:
-    from synth.pretrain import check_config, pretrain_job
+    from apps.pretrain import check_config, pretrain_job
 
     checked("synth_pretrain", args, check_config)
     run_hydra("synth_pretrain", pretrain_job, args)
 
 
 def transfer(args: list[str]) -> None:
-    from synth.transfer import check_config, transfer_job
+    from apps.transfer import check_config, transfer_job
 
     checked("synth_transfer", args, check_config)
     run_hydra("synth_transfer", transfer_job, args)
@@ -122,7 +122,7 @@ def demo(args: list[str]) -> None:
     """The main job on a small default (``configs/synth_demo.yaml``): render a few frames, pretrain with synthetic
     heads, a pretext task, a contrastive objective and the feature GAN, transfer to real tasks next to random
     init, and print the results table. Each stage is the single-stage command with derived overrides."""
-    from synth.experiment import artefacts, demo_overrides
+    from apps.experiment import artefacts, demo_overrides
 
     cfg = checked("synth_demo", args, demo_overrides)
     if cfg is None:
@@ -137,7 +137,7 @@ def demo(args: list[str]) -> None:
 
 def experiment(args: list[str]) -> None:
     """``synth experiment=ablation``: every arm x seed pretrained and transferred at one budget, one table."""
-    from synth.experiment import check_experiment, run_experiment
+    from apps.experiment import check_experiment, run_experiment
 
     cfg = checked("synth_experiment", args, check_experiment)
     if cfg is None:

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from apps.pretrain import split_by_scene
 from synth.data import FrameAugment, RenderedFrames
-from synth.pretrain import split_by_scene
 
 
 def test_holdout_splits_by_scene_and_does_not_depend_on_where_the_dataset_lives(rendered_dataset, tmp_path):
@@ -25,8 +25,8 @@ def test_holdout_splits_by_scene_and_does_not_depend_on_where_the_dataset_lives(
 
 
 def _pretrain(rendered_dataset, out, *overrides):
-    from synth.cli import compose
-    from synth.pretrain import build_engine
+    from apps.cli import compose
+    from apps.pretrain import build_engine
 
     return build_engine(compose("synth_pretrain", [f"data.roots=[{rendered_dataset}]", f"out_dir={out}",
                                                    "trainer.image_every=0", "trainer.log_every=5",

@@ -20,11 +20,11 @@ from pretext.contrastive import MoCoV2, SimCLR
 from pretext.generative import Colorization, Inpainting
 from pretext.predictive import Jigsaw, RelativePatchPosition, RotationPrediction
 from pretext.synthetic import ContourHead, DepthHead, NormalHead
-from render.reader import list_frames
 from synth.backbone import Backbone
 from synth.config import register
 from synth.data import FrameAugment, RenderedFrames, StreamingFrames
 from synth.engine import Engine, TrainerSettings
+from synth.frames import list_frames
 from synth.probe import FashionMNISTProbe
 from synth.real import RealImages
 

@@ -1,0 +1,53 @@
+"""Where and how a model trains: the device a config asks for and the optimizer it names, built in one place."""
+
+import torch
+from torch import nn
+
+#: Optimizers a config may name.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The device for ``requested``: ``"auto"`` (CUDA when there is one, else CPU), ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``. ``"cuda"`` under ``torchrun`` means this process's GPU (``local_rank``), made current.
+
+    Raises:
+        ValueError: CUDA was asked for on a machine without it (one line, instead of torch's deep traceback).
+    """
+    requested = str(requested)
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r}: this machine has no CUDA device (use device=cpu or auto)")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_optimizer(parameters, name: str, *, lr: float, weight_decay: float, nesterov: bool = False,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or SGD with momentum 0.9 (optionally Nesterov, L2 weight decay).
+
+    Args:
+        parameters: Parameters or parameter groups.
+        name: ``"adamw"`` or ``"sgd"``.
+        lr: Learning rate.
+        weight_decay: Weight decay.
+        nesterov: Nesterov momentum for SGD.
+        fused: AdamW's fused kernel (one launch for all parameters; the GPU step is launch-bound without it).
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {name!r}")
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that require gradients."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "resolve_device", "trainable"]
