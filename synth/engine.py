@@ -1,9 +1,10 @@
 """The pretraining engine: one backbone, any set of objectives, one optimizer step (plus an adversary slot).
 
-The engine knows no objective by name. Each objective is an ``nn.Module`` with a ``domains`` tuple (which batches
-it consumes: ``"synthetic"``, ``"real"``) and ``forward(batch, backbone) -> dict`` returning ``"loss"`` and any
-metrics as 0-dim tensors. ``batch["with_metrics"]`` is False on steps whose metrics will not be logged, so an
-objective may skip costly metrics there (on a GPU, per-step metric kernels and syncs cost more than the heads).
+The engine knows no objective by name. Each objective meets the contract of :mod:`synth.objective` (checked once,
+when the engine is built): an ``nn.Module`` with a ``domains`` tuple (which batches it consumes: ``"synthetic"``,
+``"real"``) and ``forward(batch, backbone) -> dict`` returning ``"loss"`` and any metrics as 0-dim tensors.
+``batch["with_metrics"]`` is False on steps whose metrics will not be logged, so an objective may skip costly metrics
+there (on a GPU, per-step metric kernels and syncs cost more than the heads).
 ``batch["step"]`` and ``batch["total_steps"]`` give schedules (e.g. DANN's reversal ramp) their state explicitly, and
 ``batch["seed"]`` (per-sample seeds, kept on the CPU) seeds any random draw an objective makes, so nothing hides an
 RNG or a counter and a resumed run computes exactly what an uninterrupted one would.
@@ -33,6 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from synth.data import StepSampler, collate_frames
+from synth.objective import ObjectiveTraits, objective_traits
+from synth.runtime import build_optimizer, resolve_device
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,6 +111,8 @@ class MultiTask(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.objectives = nn.ModuleDict(objectives)
+        #: Each objective checked against :mod:`synth.objective`'s contract once, here.
+        self.traits: dict[str, ObjectiveTraits] = {n: objective_traits(n, o) for n, o in objectives.items()}
 
     def forward(self, batches: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
         """Run every objective on the batch of each domain it consumes.
@@ -120,17 +125,18 @@ class MultiTask(nn.Module):
         """
         for domain, batch in batches.items():
             # Heads that read the plain image share one backbone pass per domain batch.
-            if any(domain in o.domains and getattr(o, "uses_features", True) for o in self.objectives.values()):
+            if any(domain in t.domains and t.uses_features for t in self.traits.values()):
                 batch["features"] = self.backbone(batch["image"])
         outputs = {}
         for name, objective in self.objectives.items():
-            domains = [d for d in objective.domains if d in batches]
-            if getattr(objective, "joint", False):  # e.g. an adversary that compares the domains
-                if len(domains) == len(objective.domains):
+            traits = self.traits[name]
+            domains = [d for d in traits.domains if d in batches]
+            if traits.joint:  # e.g. an adversary that compares the domains
+                if len(domains) == len(traits.domains):
                     outputs[name] = objective({d: batches[d] for d in domains}, self.backbone)
                 continue
             for domain in domains:
-                key = name if len(objective.domains) == 1 else f"{name}/{domain}"
+                key = name if len(traits.domains) == 1 else f"{name}/{domain}"
                 outputs[key] = objective(batches[domain], self.backbone)
         return outputs
 
@@ -143,15 +149,6 @@ def _distributed() -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -245,13 +242,14 @@ class Engine:
     def __init__(self, *, backbone: nn.Module, objectives: dict[str, nn.Module], weights: dict[str, float],
                  datasets: dict, settings: TrainerSettings, out_dir: str | os.PathLike,
                  eval_datasets: dict | None = None, config: dict | None = None, monitors: dict | None = None):
-        missing = {d for o in objectives.values() for d in o.domains} - set(datasets)
-        unknown = set(weights) ^ set(objectives)
         if not objectives:
             raise ValueError("no objective to train: list at least one in objective=[...]")
+        traits = {name: objective_traits(name, o) for name, o in objectives.items()}  # the contract, checked once
+        missing = {d for t in traits.values() for d in t.domains} - set(datasets)
+        unknown = set(weights) ^ set(objectives)
         if unknown:
             raise ValueError(f"weights and objectives disagree on {sorted(unknown)}")
-        if not any(d in datasets for o in objectives.values() for d in o.domains):
+        if not any(d in datasets for t in traits.values() for d in t.domains):
             raise ValueError(f"no dataset for the objectives' domains {sorted(missing)}")
         self.settings = settings
         self.weights = weights
@@ -261,23 +259,20 @@ class Engine:
         self.out_dir = Path(out_dir)
         self.config = config or {}
         self.rank, self.world, local_rank = _distributed()
-        self.device = _device(settings.device, local_rank)
+        self.device = resolve_device(settings.device, local_rank)
         self.amp_dtype = _amp_dtype(settings.amp, self.device)
         self.model = MultiTask(backbone, objectives).to(self.device)
         if settings.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
-        adversaries = [o for o in objectives.values() if hasattr(o, "discriminator_loss")]
+        self.adversaries = [n for n, t in self.model.traits.items() if t.adversary]
+        adversaries = [objectives[n] for n in self.adversaries]
         disc_params = {id(p) for o in adversaries for p in o.discriminator_parameters()}
         main_params = [p for p in self.model.parameters() if id(p) not in disc_params]
         # Fused kernels: one launch for all parameters instead of several per tensor (launch-bound on GPUs).
-        fused = self.device.type in ("cuda", "cpu")
-        if settings.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(main_params, lr=settings.lr, weight_decay=settings.weight_decay,
-                                               fused=fused)
-        else:
-            self.optimizer = torch.optim.SGD(main_params, lr=settings.lr, momentum=0.9, nesterov=True,
-                                             weight_decay=settings.weight_decay)
+        self.optimizer = build_optimizer(main_params, settings.optimizer, lr=settings.lr,
+                                         weight_decay=settings.weight_decay, nesterov=True,
+                                         fused=self.device.type in ("cuda", "cpu"))
         self.disc_optimizer = None
         if adversaries:
             self.disc_optimizer = torch.optim.Adam(
@@ -382,14 +377,13 @@ class Engine:
         if self.disc_optimizer is not None:
             with self._autocast():
                 disc_total = 0.0
-                for name, objective in self.model.objectives.items():
-                    if hasattr(objective, "discriminator_loss"):
-                        out = objective.discriminator_loss(batches, self.model.backbone)
-                        if not torch.isfinite(out["loss"].detach()):
-                            raise NonFiniteLossError(f"discriminator of {name!r} produced a non-finite loss at "
-                                                     f"step {self.step}")
-                        disc_total = disc_total + out["loss"].float()
-                        logs.update({f"{name}/discriminator/{k}": v.detach() for k, v in out.items()})
+                for name in self.adversaries:
+                    out = self.model.objectives[name].discriminator_loss(batches, self.model.backbone)
+                    if not torch.isfinite(out["loss"].detach()):
+                        raise NonFiniteLossError(f"discriminator of {name!r} produced a non-finite loss at "
+                                                 f"step {self.step}")
+                    disc_total = disc_total + out["loss"].float()
+                    logs.update({f"{name}/discriminator/{k}": v.detach() for k, v in out.items()})
             self.disc_optimizer.zero_grad(set_to_none=True)
             disc_total.backward()
             if self.world > 1:  # the discriminator is outside DDP's reducer: average its gradients by hand
@@ -529,7 +523,7 @@ class Engine:
             # Held-out frames when there are any; a tiny dataset may hold out none, then its training frames.
             dataset = self.eval_datasets.get(domain, self.datasets[domain])
             heads = {n: o for n, o in self.model.objectives.items()
-                     if hasattr(o, "predict") and hasattr(o, "target") and domain in o.domains}
+                     if self.model.traits[n].predictor and domain in self.model.traits[n].domains}
             if not heads:
                 continue
             self.model.eval()
