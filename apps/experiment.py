@@ -1,9 +1,9 @@
-"""``synth demo`` and ``synth experiment=...``: render, pretrain and transfer chained, ending in a results table.
+"""``synth experiment=...``: render once, pretrain every arm for every seed, transfer, one results table.
 
-Both compose their own config (``configs/synth_demo.yaml``, ``configs/synth_experiment.yaml`` with an
-``experiment/`` file), then run the ``synth render`` app and the pretrain and transfer jobs with overrides derived
-from it, so every stage is exactly what the single-stage commands would run, and each stage's output is reused on
-a rerun (a render resumes by shard, a pretraining run by checkpoint, a finished transfer by its results file).
+It composes its own config (``configs/synth_experiment.yaml`` with an ``experiment/`` file), then runs the
+``synth render`` app and the pretrain and transfer jobs with overrides derived from it, so every stage is exactly
+what the single-stage commands would run, and each stage's output is reused on a rerun (a render resumes by shard, a
+pretraining run by checkpoint, a finished transfer by its completion mark).
 """
 
 import json
@@ -17,45 +17,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from adapt.transfer import ResultRow, format_table, read_results, write_results
-
-
-@dataclass
-class DemoSettings:
-    """The demo's budget; ``scale`` multiplies frames and steps (``synth demo demo.scale=8`` on a GPU).
-
-    Args:
-        scale: Multiplier of ``frames``, ``pretrain_steps`` and the transfer steps.
-        frames: Rendered frames.
-        resolution: Rendered image side.
-        pretrain_steps: Pretraining steps.
-        batch_size: Pretraining batch per domain.
-        objectives: The pretraining objectives.
-        adapt: The adversary (``feature_gan``, ``dann`` or ``none``).
-        tasks: Transfer tasks.
-        detection_steps: Detector fine-tuning steps.
-        probe_images: Fashion-MNIST training images of the linear probe (half as many test images).
-        cutpaste_images: Images of the cut-paste detection set (2/3 train, 1/4 test, the rest validation).
-        device: ``auto``, ``cpu`` or ``cuda``.
-    """
-
-    scale: int = 1
-    frames: int = 24
-    resolution: int = 64
-    pretrain_steps: int = 100
-    batch_size: int = 8
-    objectives: list[str] = field(default_factory=lambda: ["depth", "normal", "contour", "rotation", "simclr"])
-    adapt: str = "feature_gan"
-    tasks: list[str] = field(default_factory=lambda: ["linear_probe", "detection"])
-    detection_steps: int = 60
-    probe_images: int = 2000
-    cutpaste_images: int = 240
-    device: str = "auto"
-
-
-@dataclass
-class DemoApp:
-    demo: DemoSettings = field(default_factory=DemoSettings)
-    out_dir: str = "outputs/demo"
+from apps.launch import UsageError, checked, compose, run_hydra
+from apps.pretrain import build_engine
+from apps.render import command as render_command
+from apps.transfer import check_config as check_transfer
+from apps.transfer import transfer_job
 
 
 @dataclass
@@ -81,42 +47,7 @@ class ExperimentApp:
     out_dir: str = "runs/experiment"
 
 
-ConfigStore.instance().store(name="demo_app_schema", node=DemoApp)
 ConfigStore.instance().store(name="experiment_app_schema", node=ExperimentApp)
-
-
-def demo_overrides(cfg: DictConfig) -> dict[str, list[str]]:
-    """The render, pretrain and transfer overrides the demo runs, from its settings."""
-    d, out = cfg.demo, Path(cfg.out_dir)
-    if d.scale < 1:
-        raise ValueError(f"demo.scale must be >= 1, got {d.scale}")
-    steps = d.pretrain_steps * d.scale
-    render = [f"out_dir={out / 'data'}", f"n_frames={d.frames * d.scale}", "preview=true",
-              f"render.width={d.resolution}", f"render.height={d.resolution}"]
-    pretrain = [f"data.roots=[{out / 'data'}]", f"out_dir={out / 'pretrain'}", f"trainer.steps={steps}",
-                f"trainer.batch_size={d.batch_size}", "trainer.log_every=5", f"trainer.image_every={steps // 2}",
-                f"trainer.eval_every={steps // 2}", f"trainer.warmup_steps={min(20, steps // 5)}",
-                f"trainer.device={d.device}", "data.holdout=0.25", f"data.augment.size={d.resolution}",
-                f"objective=[{','.join(d.objectives)}]", f"adapt={d.adapt}"]
-    n = d.cutpaste_images * d.scale
-    splits = f"{{train: {2 * n // 3}, val: {max(1, n // 12)}, test: {max(1, n // 4)}}}"
-    transfer = [f"checkpoint={out / 'pretrain'}", f"tasks=[{','.join(d.tasks)}]", f"out_dir={out / 'transfer'}",
-                f"device={d.device}", f"data.detection.build.out_dir={out / 'cutpaste'}",
-                f"data.segmentation.build.out_dir={out / 'cutpaste'}",
-                f"+data.detection.build.n_images={splits}", f"+data.segmentation.build.n_images={splits}",
-                "data.detection.build.size=96", "data.segmentation.build.size=96",
-                f"budget.detection.steps={d.detection_steps * d.scale}", "budget.detection.min_size=96",
-                "budget.detection.max_size=96", "+budget.detection.fpn_channels=64",
-                f"data.classification.train.max_images={d.probe_images * d.scale}",
-                f"data.classification.test.max_images={max(10, d.probe_images * d.scale // 2)}"]
-    return {"render": render, "pretrain": pretrain, "transfer": transfer}
-
-
-def artefacts(out: Path) -> list[Path]:
-    """What a person opens after the demo."""
-    return [out / "data" / "preview.png", out / "pretrain" / "loss_curves.png",
-            out / "pretrain" / "embeddings" / "embedding.png", out / "pretrain" / "tensorboard",
-            out / "transfer" / "results.md", out / "transfer" / "linear_probe_stages.png"]
 
 
 # ------------------------------------------------------------------------------------------------ experiments
@@ -184,14 +115,10 @@ def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
 
 def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     """Render once, pretrain every arm for every seed, transfer all of a seed's checkpoints together, tabulate."""
-    from apps.cli import compose, render
-    from apps.pretrain import build_engine
-    from apps.transfer import transfer_job
-
     out = Path(cfg.out_dir)
     data = out / "data"
     tic = time.perf_counter()
-    render([f"out_dir={data}", *cfg.render])
+    render_command([f"out_dir={data}", *cfg.render])
     rows: list[ResultRow] = []
     for seed in cfg.seeds:
         checkpoints = {}
@@ -229,10 +156,6 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
 
 def check_experiment(cfg: DictConfig) -> None:
     """Compose every arm's pretraining config and the transfer config (a typo fails before any work)."""
-    import apps.pretrain  # noqa: F401  (registers the pretraining schemas the arms compose against)
-    from apps.cli import compose
-    from apps.transfer import check_config as check_transfer
-
     for overrides in cfg.arms.values():
         if overrides is not None:
             compose("synth_pretrain", [f"data.roots=[{Path(cfg.out_dir) / 'data'}]", *cfg.pretrain, *overrides])
@@ -241,5 +164,15 @@ def check_experiment(cfg: DictConfig) -> None:
         raise ValueError("seeds is empty")
 
 
-__all__ = ["DemoApp", "ExperimentApp", "artefacts", "bar_chart", "check_experiment", "demo_overrides", "headline_rows",
-           "run_experiment"]
+def command(args: list[str]) -> None:
+    """``synth experiment=ablation``: every arm x seed pretrained and transferred at one budget, one table."""
+    cfg = checked("synth_experiment", args, check_experiment)
+    if cfg is None:
+        run_hydra("synth_experiment", lambda c: print(c), args)
+        return
+    if not cfg.arms:
+        raise UsageError("no arms: pick an experiment, e.g. synth experiment=ablation")
+    run_experiment(cfg)
+
+
+__all__ = ["ExperimentApp", "bar_chart", "check_experiment", "command", "headline_rows", "run_experiment"]

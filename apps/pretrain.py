@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from adapt.domain import DANN, FeatureGAN
 from adapt.gap import DomainGapMonitor
+from apps.launch import checked, run_hydra
 from pretext.contrastive import MoCoV2, SimCLR
 from pretext.generative import Colorization, Inpainting
 from pretext.predictive import Jigsaw, RelativePatchPosition, RotationPrediction
@@ -60,18 +61,6 @@ class SyntheticData:
 
 
 @dataclass
-class DomainGapSettings:
-    """The ``monitor/domain_gap`` schema: :class:`adapt.gap.DomainGapMonitor` on ``n_images`` held-out images per
-    domain (the images themselves are passed by :func:`build_monitors`)."""
-
-    _target_: str = f"{DomainGapMonitor.__module__}.{DomainGapMonitor.__qualname__}"
-    n_images: int = 64
-    stages: list[str] | None = None
-    seed: int = 0
-    plot_dir: str | None = None
-
-
-@dataclass
 class PretrainApp:
     """``synth pretrain`` config; ``model``, ``objective``, ``adapt``, ``monitor`` and ``trainer`` come from their
     config groups (``adapt=none`` is null: no adversary)."""
@@ -92,7 +81,9 @@ register("data/real", "real_schema", RealImages, (("holdout", float, 0.1),))
 register("adapt", "feature_gan_schema", FeatureGAN, WEIGHT)
 register("adapt", "dann_schema", DANN, WEIGHT)
 register("monitor", "knn_probe_schema", FashionMNISTProbe)
-ConfigStore.instance().store(group="monitor", name="domain_gap_schema", node=DomainGapSettings)
+# The monitor's images are built from the data (build_monitors); the config picks how many.
+register("monitor", "domain_gap_schema", DomainGapMonitor, (("n_images", int, 64),),
+         exclude=("synthetic_images", "real_images"))
 for _name, _cls in OBJECTIVES.items():
     register("objective", f"{_name}_schema", _cls, WEIGHT)
 ConfigStore.instance().store(name="pretrain_app_schema", node=PretrainApp)
@@ -228,3 +219,9 @@ def pretrain_job(cfg: DictConfig) -> dict:
         lines = [f"  {k.removeprefix('eval/')}: {v:.4g}" for k, v in sorted(summary["eval"].items())]
         print(f"pretrained {summary['steps']} steps -> {cfg.out_dir}\nheld-out metrics:\n" + "\n".join(lines))
     return summary
+
+
+def command(args: list[str]) -> None:
+    """``synth pretrain``: check the config (instantiating every part), then run the job."""
+    checked("synth_pretrain", args, check_config)
+    run_hydra("synth_pretrain", pretrain_job, args)

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
+from apps.launch import checked, run_hydra
 from render.shard import n_shards, render_shard
 from render.worker import RenderSettings
 from synth.config import register
@@ -125,3 +126,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"shard={cfg.shard} is out of range: {cfg.n_frames} frames make "
                          f"{shard_count(cfg)} shard(s) of {cfg.scenes_per_shard} scenes "
                          f"({math.ceil(cfg.n_frames / sampler.views)} scenes)")
+
+
+def command(args: list[str]) -> None:
+    """``synth render``: one Hydra job per shard (a multirun over ``shard``), or the one shard asked for."""
+    cfg = checked("synth_render", args, check_config)
+    if cfg is None or cfg.shard is not None:
+        run_hydra("synth_render", render_job, args)
+    else:
+        run_hydra("synth_render", render_job, ["--multirun", *args, f"shard=range(0,{shard_count(cfg)})"])

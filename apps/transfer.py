@@ -17,6 +17,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adapt.transfer import TASKS, check_budget, format_table, resolve_checkpoint, run_transfer, write_results
+from apps.launch import checked, run_hydra
 
 #: Which data group each task reads.
 TASK_DATA = {"linear_probe": "classification", "finetune": "classification", "detection": "detection",
@@ -124,4 +125,11 @@ def transfer_job(cfg: DictConfig) -> list:
     return rows
 
 
-__all__ = ["TransferApp", "build_data", "check_config", "transfer_job"]
+
+def command(args: list[str]) -> None:
+    """``synth transfer``: check tasks, budget, data keys and checkpoints, then run the job."""
+    checked("synth_transfer", args, check_config)
+    run_hydra("synth_transfer", transfer_job, args)
+
+
+__all__ = ["TransferApp", "build_data", "check_config", "command", "transfer_job"]

@@ -17,12 +17,13 @@ from hydra.core.config_store import ConfigStore
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _constructor_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
-    """(name, type, field) for each keyword argument of ``cls`` (a dataclass, or any class's ``__init__``)."""
+def _constructor_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[tuple[str, type, dataclasses.Field]]:
+    """(name, type, field) for each keyword argument of ``cls`` (a dataclass, or any class's ``__init__``), less
+    the ``exclude``d ones (arguments the caller passes itself, e.g. tensors built at run time)."""
     if dataclasses.is_dataclass(cls):
         out = []
         for f in dataclasses.fields(cls):
-            if not f.init or f.name.startswith("_"):
+            if not f.init or f.name.startswith("_") or f.name in exclude:
                 continue
             default = (dataclasses.field(default_factory=f.default_factory)
                        if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
@@ -31,7 +32,7 @@ def _constructor_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
     hints = typing.get_type_hints(cls.__init__)
     out = []
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
-        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if name == "self" or name in exclude or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         if parameter.default is inspect.Parameter.empty:
             raise TypeError(f"{cls.__qualname__}.__init__ argument {name!r} needs a default to be configurable")
@@ -47,22 +48,25 @@ def _constructor_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
     return out
 
 
-def schema(cls: type, extra: tuple[tuple[str, type, object], ...] = ()) -> type:
+def schema(cls: type, extra: tuple[tuple[str, type, object], ...] = (), exclude: tuple[str, ...] = ()) -> type:
     """A structured-config dataclass whose fields are ``cls``'s constructor arguments plus ``_target_``.
 
     ``_convert_="all"`` makes :func:`hydra.utils.instantiate` pass plain lists and dicts, not OmegaConf
     containers, so the constructor sees the same types as a direct Python call. ``extra`` adds fields that the
-    caller consumes itself (e.g. an objective's loss ``weight``), as ``(name, type, default)``.
+    caller consumes itself (e.g. an objective's loss ``weight``), as ``(name, type, default)``; ``exclude`` drops
+    constructor arguments that the caller supplies at run time.
     """
     fields = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}")),
               ("_convert_", str, dataclasses.field(default="all"))]
     fields += [(name, kind, dataclasses.field(default=default)) for name, kind, default in extra]
-    fields += _constructor_fields(cls)
+    fields += _constructor_fields(cls, exclude)
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 
-def register(group: str, name: str, cls: type, extra: tuple[tuple[str, type, object], ...] = ()) -> type:
-    """Store ``schema(cls, extra)`` as ``<group>/<name>``, for YAML files to extend via their defaults list."""
-    node = schema(cls, extra)
+def register(group: str, name: str, cls: type, extra: tuple[tuple[str, type, object], ...] = (),
+             exclude: tuple[str, ...] = ()) -> type:
+    """Store ``schema(cls, extra, exclude)`` as ``<group>/<name>``, for YAML files to extend via their defaults
+    list."""
+    node = schema(cls, extra, exclude)
     ConfigStore.instance().store(group=group, name=name, node=node)
     return node

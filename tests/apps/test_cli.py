@@ -31,15 +31,15 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch, 
 
 
 def test_a_bad_key_in_a_config_file_names_the_file(tmp_path, monkeypatch, capsys):
-    import apps.cli as cli
+    import apps.launch as launch
 
     configs = tmp_path / "configs"
     import shutil
 
-    shutil.copytree(cli.CONFIG_DIR, configs)
+    shutil.copytree(launch.CONFIG_DIR, configs)
     with open(configs / "scene" / "room.yaml", "a") as f:
         f.write("camera_hieght: [1, 2]\n")
-    monkeypatch.setattr(cli, "CONFIG_DIR", configs)
+    monkeypatch.setattr(launch, "CONFIG_DIR", configs)
     monkeypatch.chdir(tmp_path)
     assert main(["render", "scene=room", f"out_dir={tmp_path / 'data'}"]) == 2
     err = capsys.readouterr().err

@@ -6,8 +6,10 @@ import cv2
 import pytest
 
 from adapt.transfer import ResultRow
-from apps.cli import compose, main
-from apps.experiment import bar_chart, check_experiment, demo_overrides
+from apps.cli import main
+from apps.demo import demo_overrides
+from apps.experiment import bar_chart, check_experiment
+from apps.launch import compose
 
 
 @pytest.mark.slow

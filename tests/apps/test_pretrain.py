@@ -25,7 +25,7 @@ def test_holdout_splits_by_scene_and_does_not_depend_on_where_the_dataset_lives(
 
 
 def _pretrain(rendered_dataset, out, *overrides):
-    from apps.cli import compose
+    from apps.launch import compose
     from apps.pretrain import build_engine
 
     return build_engine(compose("synth_pretrain", [f"data.roots=[{rendered_dataset}]", f"out_dir={out}",

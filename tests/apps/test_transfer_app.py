@@ -2,7 +2,8 @@
 
 import pytest
 
-from apps.cli import compose, main
+from apps.cli import main
+from apps.launch import compose
 from apps.transfer import TASK_DATA, build_data
 
 

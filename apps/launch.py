@@ -1,0 +1,77 @@
+"""Running a Hydra app from the ``synth`` command: compose and check the config first, then hand it to Hydra.
+
+Each subcommand composes its config first and instantiates every part, so a wrong key, a wrong type, an
+unreadable mesh folder or an impossible camera constraint is reported in one line, naming the key or file,
+before anything is written. Then Hydra runs the job(s) with the configured launcher.
+"""
+
+import re
+import sys
+from collections.abc import Callable
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from synth.config import CONFIG_DIR
+from synth.meshes import MeshFolderError
+from synth.scene import SceneConfigError, SceneSamplingError
+
+DOMAIN_ERRORS = (SceneConfigError, SceneSamplingError, MeshFolderError, ValueError, FileNotFoundError)
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException, yaml.YAMLError, *DOMAIN_ERRORS)
+
+
+class UsageError(Exception):
+    """A bad command line or config; printed as one line, exit status 2."""
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose a config as the app would see it (``hydra:`` interpolations included)."""
+    with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+        cfg = hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_hydra(config_name: str, task: Callable[[DictConfig], object], args: list[str]) -> None:
+    """Run ``task`` as the Hydra app ``config_name`` with command-line ``args``."""
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
+    argv = sys.argv
+    sys.argv = [f"synth {config_name.removeprefix('synth_')}", *args]
+    try:
+        app()
+    finally:
+        sys.argv = argv
+
+
+def _explain(error: BaseException) -> str:
+    """One readable line that names the key and the config file."""
+    while error.__cause__ is not None and isinstance(error.__cause__, DOMAIN_ERRORS):
+        error = error.__cause__  # the constructor's own message, not Hydra's wrapper around it
+    text = str(error)
+    if error.__cause__ is not None and str(error.__cause__) not in text:
+        text = f"{text}: {error.__cause__}"  # e.g. Hydra's "Could not override" and OmegaConf's reason why
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    # Hydra names a config as 'group/name'; point at the file a user edits.
+    match = re.search(r"In '([\w/]+)'", text)
+    if match and (CONFIG_DIR / f"{match.group(1)}.yaml").exists():
+        text += f" (file: {CONFIG_DIR / match.group(1)}.yaml)"
+    return text
+
+
+def checked(config_name: str, args: list[str], check: Callable[[DictConfig], object]) -> DictConfig | None:
+    """Compose the config and run ``check`` on it; any config error becomes a one-line :class:`UsageError`.
+
+    Returns None when ``args`` carry Hydra flags (--cfg, --info, --help, -m): Hydra then handles them itself.
+    """
+    if any(a.startswith("-") for a in args):
+        return None
+    try:
+        cfg = compose(config_name, args)
+        check(cfg)
+    except CONFIG_ERRORS as error:
+        raise UsageError(_explain(error)) from error
+    return cfg
