@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adapt.datasets import CocoDetection, CocoSemantic, encode_rle, masks_to_boxes_exclusive
+from synth.io import atomic_write_bytes
 from synth.real import offline_real_sources, read_image, video_frames
 
 logger = logging.getLogger(__name__)
@@ -442,12 +442,6 @@ def _partition(items: Sequence, weights: Sequence[float], rng: np.random.Generat
     return groups
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png(image: np.ndarray) -> bytes:
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -569,7 +563,7 @@ def build_cutpaste(out_dir: str = "cutpaste", n_images: Mapping[str, int] | None
                 "stamps": {s: sorted(stamp.name for stamp in stamp_split[s]) for s in splits},
                 "backgrounds": {s: sorted(name for name, _ in background_split[s]) for s in splits}}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
 
     cutouts: dict[str, np.ndarray] = {}
     label_of = {category: i + 1 for i, category in enumerate(classes)}
@@ -596,8 +590,8 @@ def build_cutpaste(out_dir: str = "cutpaste", n_images: Mapping[str, int] | None
                 background, [(cutouts[s.name], s.mirrorable) for s in chosen], size=size, rng=image_rng,
                 scale=scale, max_rotation=max_rotation, blend_modes=blend_modes, max_occlusion=max_occlusion)
             file_name = f"{index:06d}.png"
-            _write_atomic(paths[split] / "images" / file_name, _png(image))
-            _write_atomic(paths[split] / "masks" / file_name, _png(instance_map))
+            atomic_write_bytes(paths[split] / "images" / file_name, _png(image))
+            atomic_write_bytes(paths[split] / "masks" / file_name, _png(instance_map))
             image_id = index + 1
             source = f"{name}#{frame_index * video_every}" if len(frames) > 1 else name
             images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
@@ -615,10 +609,10 @@ def build_cutpaste(out_dir: str = "cutpaste", n_images: Mapping[str, int] | None
         coco = {"info": {"description": f"cut-paste split {split!r} (Dwibedi et al. 2017), seed {seed}"},
                 "images": images, "annotations": annotations,
                 "categories": [{"id": label_of[c], "name": c} for c in classes]}
-        _write_atomic(paths[split] / "annotations.json", json.dumps(coco).encode())
+        atomic_write_bytes(paths[split] / "annotations.json", json.dumps(coco).encode())
     progress.close()
     manifest["complete"] = True
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
     return paths
 
 

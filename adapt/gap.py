@@ -29,6 +29,7 @@ from sklearn.svm import LinearSVC
 from torch import Tensor, nn
 
 from synth.backbone import pooled_features
+from synth.io import atomic_path, atomic_write_bytes
 
 ArrayLike = Tensor | np.ndarray
 
@@ -297,9 +298,8 @@ def embedding_plot(features_by_domain: Mapping[str, ArrayLike], path: str | os.P
     axes.set_title(title, fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    figure.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     return path
 
 
@@ -363,9 +363,7 @@ class DomainGapMonitor:
             picture = embedding_plot({"synthetic": synthetic[last], "real": real[last]},
                                      folder / f"embedding_step_{step}.png", title=title, seed=self.seed)
             latest = folder / "embedding.png"
-            tmp = folder / f".tmp-{os.getpid()}-embedding.png"
-            tmp.write_bytes(picture.read_bytes())
-            os.replace(tmp, latest)
+            atomic_write_bytes(latest, picture.read_bytes())
         return metrics
 
 

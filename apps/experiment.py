@@ -22,6 +22,8 @@ from apps.pretrain import build_engine
 from apps.render import command as render_command
 from apps.transfer import check_config as check_transfer
 from apps.transfer import transfer_job
+from synth.io import atomic_write_json, atomic_write_text
+from synth.plots import save_figure
 
 
 @dataclass
@@ -88,12 +90,7 @@ def bar_chart(rows: list[ResultRow], path: Path, columns: list[str]) -> Path:
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(column, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
@@ -139,17 +136,17 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
             print(f"\n== transfer seed {seed}: {', '.join(['random', *checkpoints])}")
             transfer_job(compose("synth_transfer", [f"out_dir={results}", f"seed={seed}", *cfg.transfer,
                                                     *(f"+checkpoints.{k}={v}" for k, v in checkpoints.items())]))
-            done.write_text(json.dumps({"checkpoints": checkpoints}))
+            atomic_write_json(done, {"checkpoints": checkpoints})
         rows += read_results(results / "results.csv")
     write_results(rows, out)  # every number: every stage, every gap measure
-    (out / "results_full.md").write_text(format_table(rows) + "\n")
+    atomic_write_text(out / "results_full.md", format_table(rows) + "\n")
     headline = headline_rows(rows)
     table = format_table(headline)
     bar_chart(headline, out / "ablation.png", list(dict.fromkeys(f"{r.task}/{r.metric}" for r in headline)))
     minutes = (time.perf_counter() - tic) / 60
     header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds (mean ± sd over seeds; in brackets the "
               f"difference to random init)\n\nwall time of this invocation: {minutes:.1f} min\n\n")
-    (out / "results.md").write_text(header + table + "\n")
+    atomic_write_text(out / "results.md", header + table + "\n")
     print(f"\n{header}{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'ablation.png'}")
     return rows
 

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from synth.data import StepSampler, collate_frames
+from synth.io import atomic_write_json, atomic_write_text
 from synth.objective import ObjectiveTraits, objective_traits
 from synth.runtime import build_optimizer, resolve_device
 
@@ -507,7 +508,7 @@ class Engine:
             from synth.plots import plot_curves
 
             plot_curves(log_path, self.out_dir / "loss_curves.png")
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_json(self.out_dir / "summary.json", summary, indent=2)
             writer.close()
         return summary
 
@@ -546,9 +547,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 __all__ = ["Engine", "MultiTask", "NonFiniteLossError", "TrainerSettings", "lr_factor"]

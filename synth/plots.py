@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from synth.constants import IMAGENET_MEAN, IMAGENET_STD
+from synth.io import atomic_path
 from synth.preview import colorize_depth, colorize_normals
 
 
@@ -31,17 +32,17 @@ def plot_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Pat
         ax.grid(alpha=0.3)
         if all(v > 0 for _, v in points):
             ax.set_yscale("log")
-    return _save(fig, png_path, dpi=110)
+    return save_figure(fig, png_path)
 
 
-def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
-    """Write ``fig`` as PNG under a temporary name, then rename (a reader never sees half a file)."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG atomically (a reader never sees half a file) and close it; returns ``path``."""
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=dpi, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -87,4 +88,4 @@ def prediction_grid(batch: dict, predictions: dict[str, tuple[str, torch.Tensor]
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=8)
-    return _save(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100)

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 
 from synth.frames import list_frames, read_frame
+from synth.io import atomic_write_bytes
 
 COLUMNS = ("rgb", "depth", "normals", "instances", "contours")
 
@@ -59,7 +60,6 @@ def write_preview(out_dir: str | os.PathLike, path: str | os.PathLike, n_frames:
         cv2.putText(header, name, (i * cell + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     grid = np.concatenate([header, *rows], axis=0)
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    cv2.imwrite(str(tmp), grid[..., ::-1])
-    os.replace(tmp, path)
+    _, png = cv2.imencode(".png", grid[..., ::-1])
+    atomic_write_bytes(path, png.tobytes())
     return path

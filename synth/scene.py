@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from synth.io import atomic_write_text
 from synth.meshes import PROCEDURAL_SHAPES, MeshDeform
 
 #: Blender primitives that BlenderProc's ``create_primitive`` builds.
@@ -229,10 +230,7 @@ class SceneSpec:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the spec as JSON atomically (temporary name, then rename)."""
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SceneSpec":
