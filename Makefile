@@ -9,8 +9,10 @@ PINS := torch==2.14.1 torchvision==0.29.1 bpy==4.2.23 blenderproc==2.8.0
 # Debian libraries that open3d (libusb) and the bpy wheel (X11, GL, OpenMP) link against.
 DEB_LIBS := libusb-1.0-0 libx11-6 libxrender1 libxxf86vm1 libxfixes3 libxi6 libxkbcommon0 libsm6 libice6 libgl1 libgomp1 libegl1
 # Real images that exist offline: Fashion-MNIST (probes), opencv-doc photos and street video (real unlabelled images,
-# backgrounds, Middlebury Aloe), tuxpaint photographed cut-outs (the cut-paste detection set).
-DEB_DATA := dataset-fashion-mnist opencv-doc tuxpaint-stamps-default
+# backgrounds, Middlebury Aloe), tuxpaint photographed cut-outs (the cut-paste detection set), high-resolution
+# photographs in three wallpaper packages (the large real pool, data/real=pool).
+DEB_DATA := dataset-fashion-mnist opencv-doc tuxpaint-stamps-default lomiri-wallpapers-16.04 mate-backgrounds \
+	plasma-workspace-wallpapers
 # Allocator settings that remove page faults from every training step (measured ~10% on CPU).
 export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 10000000000

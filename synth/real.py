@@ -58,6 +58,25 @@ SKIMAGE_PHOTOS = (
     "rocket.jpg",
 )
 
+#: Real photographs among the Debian wallpaper packages, chosen by looking at every file (the packages also hold
+#: renders, gradients, logos and illustrations, left out). High resolution (1280x1024 up to 5k px): cut into tiles
+#: (``RealImages(tiles=...)``) they give hundreds of distinct real crops. Package -> (folder, files); for Plasma
+#: each name is a wallpaper folder whose largest image is used. Licences per file: lomiri CC-BY/CC-BY-SA/CC0, MATE
+#: GPL-2+, Plasma LGPL-3/GPL-2+ (see each package's copyright file).
+WALLPAPER_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lomiri-wallpapers-16.04": ("/usr/share/backgrounds", (
+        "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
+        "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
+        "friends_by_Aitzol_Berasategi.jpg", "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+        "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg")),
+    "mate-backgrounds": ("/usr/share/backgrounds/mate/nature", (
+        "Aqua.jpg", "Blinds.jpg", "Dune.jpg", "FreshFlower.jpg", "Garden.jpg", "GreenMeadow.jpg", "LadyBird.jpg",
+        "RainDrops.jpg", "Storm.jpg", "TwoWings.jpg", "Wood.jpg", "YellowFlower.jpg")),
+    "plasma-workspace-wallpapers": ("/usr/share/wallpapers", (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+        "OneStandsOut", "Path", "summer_1am")),
+}
+
 #: Fashion-MNIST as installed by the Debian package ``dataset-fashion-mnist``.
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -209,6 +228,48 @@ def offline_real_sources() -> list[str]:
     return found
 
 
+def wallpaper_photos() -> list[str]:
+    """The photographs of :data:`WALLPAPER_PHOTOS` installed on this machine, as file paths.
+
+    Raises:
+        FileNotFoundError: none is installed (names the Debian packages to install).
+    """
+    found = []
+    for folder, names in WALLPAPER_PHOTOS.values():
+        for name in names:
+            path = Path(folder) / name
+            if path.suffix:
+                found += [str(path)] if path.is_file() else []
+            else:  # a Plasma wallpaper folder: its largest image
+                images = sorted((path / "contents" / "images").glob("*"), key=lambda p: p.stat().st_size)
+                found += [str(images[-1])] if images else []
+    if not found:
+        raise FileNotFoundError(f"no wallpaper photographs found: install the Debian packages "
+                                f"{' '.join(WALLPAPER_PHOTOS)}")
+    wanted = sum(len(names) for _, names in WALLPAPER_PHOTOS.values())
+    if len(found) < wanted:
+        logger.warning("wallpaper photographs: %d of %d installed (packages %s)", len(found), wanted,
+                       ", ".join(WALLPAPER_PHOTOS))
+    return found
+
+
+def tile_image(image: np.ndarray, tiles: int) -> list[tuple[str, np.ndarray]]:
+    """Cut ``image`` into square, non-overlapping tiles, ``tiles`` across its short side (as many as fit along the
+    long side, the grid centred). ``tiles=1`` returns the whole image.
+
+    Returns:
+        ``(suffix, tile)`` pairs, the suffix ``"#tile<row>,<col>"`` (empty for ``tiles=1``).
+    """
+    if tiles <= 1:
+        return [("", image)]
+    height, width = image.shape[:2]
+    side = min(height, width) // tiles
+    rows, cols = height // side, width // side
+    top, left = (height - rows * side) // 2, (width - cols * side) // 2
+    return [(f"#tile{r},{c}", image[top + r * side: top + (r + 1) * side, left + c * side: left + (c + 1) * side])
+            for r in range(rows) for c in range(cols)]
+
+
 def _shrink(image: np.ndarray, max_short_side: int) -> np.ndarray:
     """Downscale (area interpolation) so the short side is at most ``max_short_side``; never upscale."""
     height, width = image.shape[:2]
@@ -239,7 +300,8 @@ class RealImages(torch.utils.data.Dataset):
     Args:
         sources: Each entry is an image folder (searched recursively for .jpg/.jpeg/.png/.webp/.bmp), an image
             file, a video file (.avi/.mp4/.mkv/.mov; every ``video_every``-th frame), ``"offline"`` (the files of
-            :func:`offline_real_sources`) or ``"fashion_mnist"`` (the 60 000 training images, 28x28 grey as RGB).
+            :func:`offline_real_sources`), ``"wallpapers"`` (the photographs of :func:`wallpaper_photos`) or
+            ``"fashion_mnist"`` (the 60 000 training images, 28x28 grey as RGB).
         size: Output side S in pixels.
         video_every: Keep one video frame in this many.
         max_images: Keep this many items, a deterministic subsample chosen by a hash of ``(seed, name)`` before
@@ -249,6 +311,9 @@ class RealImages(torch.utils.data.Dataset):
         train: ``False`` gives evaluation input: centred square crop, no flip, no randomness.
         seed: Seed of the per-sample augmentation when indexing with a plain int, and of ``max_images``.
         cache_side: Short side kept in memory is at most ``max(cache_side, 2 * size)``; 0 means ``2 * size``.
+        tiles: Cut every still image into square tiles, this many across its short side (see :func:`tile_image`),
+            each an item of its own: a 16:9 photo with ``tiles=4`` gives 28 crops at four times the detail of the
+            whole image. 1 keeps whole images. Videos are not tiled (their frames are many already).
 
     Attributes:
         names: Name of each item.
@@ -273,16 +338,18 @@ class RealImages(torch.utils.data.Dataset):
 
     def __init__(self, sources: tuple[str, ...] = ("offline",), size: int = 64, video_every: int = 10,
                  max_images: int | None = None, scale: tuple[float, float] = (0.35, 1.0), flip: bool = True,
-                 train: bool = True, seed: int = 0, cache_side: int = 0):
+                 train: bool = True, seed: int = 0, cache_side: int = 0, tiles: int = 1):
         if isinstance(sources, str | Path):
             sources = [sources]
         self.sources = [str(s) for s in sources]
         if not self.sources:
             raise ValueError("sources is empty")
-        if size <= 0 or video_every < 1 or cache_side < 0 or (max_images is not None and max_images < 1):
-            raise ValueError(f"need size > 0, video_every >= 1, cache_side >= 0, max_images >= 1 or None; got "
-                             f"size={size}, video_every={video_every}, cache_side={cache_side}, "
-                             f"max_images={max_images}")
+        if (size <= 0 or video_every < 1 or cache_side < 0 or tiles < 1
+                or (max_images is not None and max_images < 1)):
+            raise ValueError(f"need size > 0, video_every >= 1, cache_side >= 0, tiles >= 1, max_images >= 1 or "
+                             f"None; got size={size}, video_every={video_every}, cache_side={cache_side}, "
+                             f"tiles={tiles}, max_images={max_images}")
+        self.tiles = tiles
         self.size, self.video_every, self.max_images = size, video_every, max_images
         self.flip, self.train, self.seed = flip, train, seed
         self.cache_side = max(cache_side, 2 * size)
@@ -301,6 +368,8 @@ class RealImages(torch.utils.data.Dataset):
         for source in self.sources:
             if source == "offline":
                 paths = [Path(p) for p in offline_real_sources()]
+            elif source == "wallpapers":
+                paths = [Path(p) for p in wallpaper_photos()]
             elif source == "fashion_mnist":
                 images, _ = fashion_mnist("train")
                 items += [(f"{FASHION_MNIST_ROOT}/train-images-idx3-ubyte.gz#{i}", image)
@@ -333,11 +402,15 @@ class RealImages(torch.utils.data.Dataset):
         for name, item in tqdm(items, desc="decoding real images", unit="img", disable=len(items) < 100):
             if isinstance(item, Path):
                 try:
-                    item = _shrink(read_image(item), self.cache_side)
+                    image = read_image(item)
                 except (CorruptImageError, OSError) as error:
                     logger.warning("skipping unreadable image: %s", error)
                     self.n_unreadable += 1
                     continue
+                for suffix, tile in tile_image(image, self.tiles):
+                    names.append(name + suffix)
+                    images.append(_shrink(tile, self.cache_side))
+                continue
             names.append(name)
             images.append(item)
         return names, images
@@ -380,10 +453,10 @@ class RealImages(torch.utils.data.Dataset):
         return view
 
     def split(self, holdout: float) -> tuple[list[int], list[int]]:
-        """Train and held-out indices, by a CRC-32 hash of each item's name.
+        """Train and held-out indices, by a CRC-32 hash of each item's name (without its ``#tile`` suffix).
 
         The split of an item depends only on its name, so it is the same however the sources are ordered or
-        subsampled. Frames of one video may land on both sides.
+        subsampled. The tiles of one photo land on one side; frames of one video may land on both sides.
 
         Args:
             holdout: Expected fraction of items held out, in [0, 1).
@@ -395,7 +468,8 @@ class RealImages(torch.utils.data.Dataset):
             raise ValueError(f"holdout must be in [0, 1), got {holdout}")
         train, held = [], []
         for i, name in enumerate(self.names):
-            (held if zlib.crc32(name.encode()) / 2**32 < holdout else train).append(i)
+            key = name.split("#tile")[0]
+            (held if zlib.crc32(key.encode()) / 2**32 < holdout else train).append(i)
         return train, held
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
@@ -430,4 +504,5 @@ class RealImages(torch.utils.data.Dataset):
                 "seed": torch.tensor(int(sample_seed), dtype=torch.int64)}
 
 
-__all__ = ["CorruptImageError", "RealImages", "fashion_mnist", "offline_real_sources", "read_image", "video_frames"]
+__all__ = ["CorruptImageError", "RealImages", "fashion_mnist", "offline_real_sources", "read_image", "tile_image",
+           "video_frames", "wallpaper_photos"]

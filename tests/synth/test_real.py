@@ -15,12 +15,15 @@ from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.data import StepSampler, collate_frames
 from synth.real import (
     FASHION_MNIST_ROOT,
+    WALLPAPER_PHOTOS,
     CorruptImageError,
     RealImages,
     fashion_mnist,
     offline_real_sources,
     read_image,
+    tile_image,
     video_frames,
+    wallpaper_photos,
 )
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -351,3 +354,31 @@ def test_fashion_mnist_source_is_grey_rgb():
     assert image.shape == (3, 32, 32)
     torch.testing.assert_close(image[0], image[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(image[0], image[2], atol=1e-5, rtol=0)
+
+
+def test_tile_image_grid_is_exact():
+    image = np.arange(10 * 17 * 3, dtype=np.uint8).reshape(10, 17, 3)
+    (whole,) = tile_image(image, 1)
+    assert whole[0] == "" and whole[1] is image
+    tiles = tile_image(image, 2)  # side 5: 2 rows, 3 columns, centred with 1 column left over
+    assert [name for name, _ in tiles] == ["#tile0,0", "#tile0,1", "#tile0,2", "#tile1,0", "#tile1,1", "#tile1,2"]
+    np.testing.assert_array_equal(tiles[4][1], image[5:10, 5:10])
+    assert all(t.shape == (5, 5, 3) for _, t in tiles)
+
+
+def test_tiles_are_items_and_split_keeps_a_photo_on_one_side(tmp_path):
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), np.full((40, 80, 3), 30 * i, np.uint8))
+    dataset = RealImages(sources=[str(tmp_path)], size=8, tiles=2)
+    assert len(dataset) == 6 * 8  # side 20: 2 x 4 tiles per photo
+    assert dataset.names[1] == f"{tmp_path / 'p0.png'}#tile0,1"
+    train, held = dataset.split(0.5)
+    photo = [name.split("#")[0] for name in dataset.names]
+    assert {photo[i] for i in train}.isdisjoint({photo[i] for i in held}) and held and train
+
+
+def test_wallpaper_photos_are_installed_and_large():
+    paths = wallpaper_photos()  # `make setup` installs the three wallpaper packages
+    assert len(paths) == sum(len(names) for _, names in WALLPAPER_PHOTOS.values())
+    shapes = [read_image(p).shape for p in paths[:3]]
+    assert all(min(s[:2]) >= 1000 for s in shapes)
