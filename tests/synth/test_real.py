@@ -360,9 +360,9 @@ def test_tile_image_grid_is_exact():
     image = np.arange(10 * 17 * 3, dtype=np.uint8).reshape(10, 17, 3)
     (whole,) = tile_image(image, 1)
     assert whole[0] == "" and whole[1] is image
-    tiles = tile_image(image, 2)  # side 5: 2 rows, 3 columns, centred with 1 column left over
+    tiles = tile_image(image, 2)  # side 5: 2 rows, 3 columns; 2 columns left over, 1 on each side
     assert [name for name, _ in tiles] == ["#tile0,0", "#tile0,1", "#tile0,2", "#tile1,0", "#tile1,1", "#tile1,2"]
-    np.testing.assert_array_equal(tiles[4][1], image[5:10, 5:10])
+    np.testing.assert_array_equal(tiles[4][1], image[5:10, 6:11])
     assert all(t.shape == (5, 5, 3) for _, t in tiles)
 
 
