@@ -21,6 +21,8 @@ _TEXTURE_NODES = {
 }
 # Texture inputs that the spec's ``detail`` drives, per texture kind.
 _DETAIL_INPUTS = {"noise": "Detail", "wave": "Distortion", "magic": "Distortion", "voronoi": "Randomness"}
+#: Blender's sensor fit for every camera; render.labels.intrinsics must be given the same.
+CAMERA_SENSOR_FIT = "AUTO"
 _PRIMITIVES = {"cube": "CUBE", "sphere": "SPHERE", "cylinder": "CYLINDER", "cone": "CONE", "monkey": "MONKEY"}
 
 
@@ -175,6 +177,9 @@ class SceneBuilder:
         self.bp.camera.set_intrinsics_from_blender_params(
             lens=math.radians(spec.camera.fov_deg), lens_unit="FOV", image_width=self.width,
             image_height=self.height, clip_start=0.01, clip_end=1000.0)
+        # The spec's field of view spans the larger image side, which is Blender's AUTO sensor fit; the stored
+        # cam_K (render.labels.intrinsics) follows the same rule, so pin it rather than rely on the default.
+        self.bpy.context.scene.camera.data.sensor_fit = CAMERA_SENSOR_FIT
         for pose in spec.camera.poses:
             self.bp.camera.add_camera_pose(np.asarray(pose, dtype=float))
 

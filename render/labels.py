@@ -11,8 +11,9 @@ Conventions (measured for BlenderProc 2.8 on Blender 4.2):
   ``n_cv = n_blender * [1, -1, -1]``.
 * BlenderProc's ``depth`` is planar depth (distance along the optical axis) in metres, 1e10 where no surface
   was hit. We store float32 metres with 0 for "no surface".
-* Intrinsics: square-pixel pinhole, horizontal field of view ``fov``; pixel (u, v) has its centre at image
-  coordinates (u + 0.5, v + 0.5), so the optical axis passes through (W / 2, H / 2).
+* Intrinsics: square-pixel pinhole, field of view ``fov`` along the larger image side (Blender's sensor fit
+  ``AUTO``); pixel (u, v) has its centre at image coordinates (u + 0.5, v + 0.5), so the optical axis passes
+  through (W / 2, H / 2).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ _MIN_NORMAL_NORM = 0.5
 __all__ = [
     "BLENDER_TO_OPENCV",
     "NormalCheck",
+    "PlaneCheck",
     "backproject",
     "boxes_from_instances",
     "check_normals",
+    "check_support_plane",
     "clean_depth",
     "contours",
     "decode_normals",
@@ -104,23 +107,31 @@ def clean_depth(depth: np.ndarray, far: float = 1e9) -> np.ndarray:
     return np.where(valid, depth, 0.0).astype(np.float32)
 
 
-def intrinsics(width: int, height: int, fov: float) -> np.ndarray:
-    """Pinhole intrinsics for square pixels and a horizontal field of view.
+def intrinsics(width: int, height: int, fov: float, sensor_fit: str = "AUTO") -> np.ndarray:
+    """Pinhole intrinsics for square pixels, with Blender's rule for which side the field of view spans.
+
+    Blender's camera (``lens_unit="FOV"``) applies its angle to the sensor side that ``sensor_fit`` names:
+    ``"HORIZONTAL"`` the width, ``"VERTICAL"`` the height, ``"AUTO"`` (Blender's default and ours) the larger
+    of the two, so a portrait image's field of view spans its height.
 
     Args:
         width: image width W in pixels.
         height: image height H in pixels.
-        fov: horizontal field of view in radians.
+        fov: field of view in radians, along the side chosen by ``sensor_fit``.
+        sensor_fit: ``"AUTO"``, ``"HORIZONTAL"`` or ``"VERTICAL"``, as Blender's ``Camera.sensor_fit``.
 
     Returns:
-        (3, 3) float64 K with fx = fy = (W / 2) / tan(fov / 2), cx = W / 2, cy = H / 2 (pixel (u, v) has its
-        centre at (u + 0.5, v + 0.5)).
+        (3, 3) float64 K with fx = fy = (S / 2) / tan(fov / 2), where S is the fitted side in pixels
+        (max(W, H) for AUTO), cx = W / 2, cy = H / 2 (pixel (u, v) has its centre at (u + 0.5, v + 0.5)).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if not 0 < fov < np.pi:
         raise ValueError(f"fov must be in (0, pi) radians, got {fov}")
-    f = (width / 2.0) / np.tan(fov / 2.0)
+    sides = {"AUTO": max(width, height), "HORIZONTAL": width, "VERTICAL": height}
+    if sensor_fit not in sides:
+        raise ValueError(f"sensor_fit must be one of {sorted(sides)}, got {sensor_fit!r}")
+    f = (sides[sensor_fit] / 2.0) / np.tan(fov / 2.0)
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]], dtype=np.float64)
 
 
@@ -295,6 +306,8 @@ def check_normals(
     knn: int = 16,
     rng: np.random.Generator | None = None,
     exclude: np.ndarray | None = None,
+    segments: np.ndarray | None = None,
+    only: np.ndarray | None = None,
 ) -> NormalCheck:
     """Label check with open3d: do the rendered normals agree with the geometry of the rendered depth?
 
@@ -316,6 +329,10 @@ def check_normals(
         rng: random generator for subsampling; required when more than ``max_points`` pixels qualify.
         exclude: optional (H, W) bool of pixels to skip, e.g. contours, where a point's neighbourhood
             straddles two surfaces.
+        segments: optional (H, W) integer map (e.g. instance ids): normals are estimated within each segment's
+            own points, so a neighbourhood never straddles two objects and pixels on instance boundaries can be
+            compared too.
+        only: optional (H, W) bool: compare only these pixels (e.g. instance boundaries).
 
     Returns:
         :class:`NormalCheck` with angles in degrees; pixels where open3d could not estimate a normal are not
@@ -327,14 +344,17 @@ def check_normals(
     normals = np.asarray(normals, dtype=np.float32)
     if depth.ndim != 2 or normals.shape != (*depth.shape, 3):
         raise ValueError(f"expected (H, W) depth and (H, W, 3) normals, got {depth.shape}, {normals.shape}")
-    if exclude is not None and np.shape(exclude) != depth.shape:
-        raise ValueError(f"exclude must have shape {depth.shape}, got {np.shape(exclude)}")
+    for name, mask in (("exclude", exclude), ("segments", segments), ("only", only)):
+        if mask is not None and np.shape(mask) != depth.shape:
+            raise ValueError(f"{name} must have shape {depth.shape}, got {np.shape(mask)}")
 
     surface = depth > 0
     n_norm = np.linalg.norm(normals, axis=-1)
     usable = surface & (n_norm > 0)
     if exclude is not None:
         usable &= ~np.asarray(exclude, dtype=bool)
+    if only is not None:
+        usable &= np.asarray(only, dtype=bool)
 
     nan = NormalCheck(float("nan"), float("nan"), 0)
     # Fewer than 3 points cannot define a plane; open3d would return arbitrary normals.
@@ -349,11 +369,20 @@ def check_normals(
             raise ValueError(f"{len(pick)} pixels exceed max_points={max_points}: pass rng to subsample")
         pick = np.sort(rng.choice(pick, size=max_points, replace=False))
 
-    points = backproject(depth, K).reshape(-1, 3)[surf_idx]
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(knn=knn))
-    pcd.orient_normals_towards_camera_location(np.zeros(3))
-    est = np.asarray(pcd.normals)[pick]
+    points = backproject(depth, K).reshape(-1, 3)[surf_idx].astype(np.float64)
+    groups = [np.arange(len(surf_idx))]
+    if segments is not None:
+        seg = np.asarray(segments).reshape(-1)[surf_idx]
+        groups = [np.flatnonzero(seg == s) for s in np.unique(seg)]
+    estimated = np.zeros_like(points)
+    for group in groups:
+        if len(group) < 3:  # too few points for a plane: left at zero, so not compared
+            continue
+        pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[group]))
+        pcd.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(knn=knn))
+        pcd.orient_normals_towards_camera_location(np.zeros(3))
+        estimated[group] = np.asarray(pcd.normals)
+    est = estimated[pick]
 
     ref = normals.reshape(-1, 3)[surf_idx[pick]].astype(np.float64)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
@@ -365,3 +394,73 @@ def check_normals(
     ref, est = ref[ok], est[ok] / est_norm[ok]
     angles = np.degrees(np.arccos(np.clip(np.sum(ref * est, axis=1), -1.0, 1.0)))
     return NormalCheck(float(angles.mean()), float(np.median(angles)), len(angles))
+
+
+@dataclass
+class PlaneCheck:
+    """Exact check of the labels on a support plane's top face, against the plane's own equation.
+
+    Attributes:
+        max_angle_deg: largest angle between a rendered normal and the plane's normal (NaN when ``n_points`` is 0).
+        mean_angle_deg: mean of those angles.
+        max_depth_rel_error: largest ``|depth - analytic depth| / analytic depth``, the analytic depth being where
+            the ray of ``K`` through the pixel centre meets the plane (a wrong ``K`` shows up here).
+        n_points: top-face pixels compared, every one next to another instance included.
+        n_boundary: how many of them are on an instance boundary.
+    """
+
+    max_angle_deg: float
+    mean_angle_deg: float
+    max_depth_rel_error: float
+    n_points: int
+    n_boundary: int
+
+
+def check_support_plane(depth: np.ndarray, normals: np.ndarray, K: np.ndarray, cam2world_blender: np.ndarray,
+                        slab2world: np.ndarray, mask: np.ndarray, instance_map: np.ndarray | None = None,
+                        margin: float = 1e-3) -> PlaneCheck:
+    """Compare depth and normals on the top face of a box-shaped support (table, floor) with the analytic plane.
+
+    The support is the unit cube ``[-0.5, 0.5]^3`` mapped to the world by ``slab2world`` (its object pose, scale
+    included); its top face is local ``z = 0.5``. A pixel is compared when it belongs to the support (``mask``)
+    and the ray through its centre meets the top face inside its edges (``margin`` in local units away from
+    them): such a pixel sees the top face. Boundary pixels are compared like every other: labels mixed across an
+    object boundary (a pixel filter, a blended pass) show up as large angles.
+
+    Args:
+        depth: (H, W) clean planar depth in metres.
+        normals: (H, W, 3) unit normals in OpenCV camera axes.
+        K: (3, 3) intrinsics.
+        cam2world_blender: (4, 4) camera-to-world, Blender camera axes.
+        slab2world: (4, 4) local-to-world of the support object.
+        mask: (H, W) bool, the support's pixels (its instance id).
+        instance_map: (H, W) instance ids, only to count boundary pixels.
+        margin: keep this far (local units) from the top face's edges.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    h, w = depth.shape
+    c2w = np.asarray(cam2world_blender, dtype=np.float64)
+    rot = c2w[:3, :3] * BLENDER_TO_OPENCV.astype(np.float64)  # OpenCV camera axes -> world
+    slab = np.asarray(slab2world, dtype=np.float64)
+    centre = slab[:3, :3] @ [0.0, 0.0, 0.5] + slab[:3, 3]
+    up = np.linalg.inv(slab[:3, :3]).T @ [0.0, 0.0, 1.0]  # the face normal transforms with the inverse transpose
+    up /= np.linalg.norm(up)
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    rays_cam = np.stack([u + 0.5, v + 0.5, np.ones_like(u)], axis=-1) @ np.linalg.inv(np.asarray(K, float)).T
+    rays = rays_cam @ rot.T  # world direction per unit planar depth
+    denom = rays @ up
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = ((centre - c2w[:3, 3]) @ up) / denom  # analytic planar depth
+    hit = c2w[:3, 3] + rays * t[..., None]
+    local = (hit - slab[:3, 3]) @ np.linalg.inv(slab[:3, :3]).T
+    inside = np.isfinite(t) & (t > 0) & (np.abs(local[..., :2]) < 0.5 - margin).all(axis=-1)
+    sel = np.asarray(mask, bool) & inside & (depth > 0)
+    n = int(sel.sum())
+    boundary = int((instance_boundaries(instance_map) & sel).sum()) if instance_map is not None else 0
+    if n == 0:
+        return PlaneCheck(float("nan"), float("nan"), float("nan"), 0, 0)
+    up_cam = rot.T @ up
+    cos = np.clip(np.asarray(normals, dtype=np.float64)[sel] @ up_cam, -1.0, 1.0)
+    angles = np.degrees(np.arccos(cos))
+    rel = np.abs(depth[sel] - t[sel]) / t[sel]
+    return PlaneCheck(float(angles.max()), float(angles.mean()), float(rel.max()), n, boundary)

@@ -12,7 +12,7 @@ Layout of a shard (everything written under a temporary name, then renamed)::
       scenes/00000021.json   the SceneSpec, enough to re-render the scene
       coco/images/...jpg     BlenderProc's COCO writer output, renumbered to global frame ids
       coco_annotations.json  merged COCO annotations of the shard
-      label_check.json       open3d normal-consistency check
+      label_check.json       open3d normal-consistency check and exact support-plane check
       render.log             what Blender printed
 
 The index is the source of truth: on a rerun, frames listed there whose file still matches its checksum are
@@ -143,7 +143,8 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
         n_frames: Frames in the whole dataset.
         scenes_per_shard: Scenes per shard.
         label_check_frames: Frames of the shard checked with open3d (0 disables the check).
-        label_check_max_deg: Fail when the mean normal disagreement exceeds this (None: report only).
+        label_check_max_deg: Fail when the mean normal disagreement exceeds this, or when the support-plane check
+            exceeds ``SUPPORT_PLANE_MAX_DEG`` / ``SUPPORT_PLANE_MAX_DEPTH_REL_ERROR`` (None: report only).
         verify: Re-hash indexed frames to catch corrupt files before trusting them.
         progress: Show a progress bar.
 
@@ -197,10 +198,9 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
         merge_coco(shard_dir, specs[next(iter(scenes))].categories)
         check = check_shard_labels(shard_dir, records, n_frames=label_check_frames, seed=seed)
         _write_json(shard_dir / "label_check.json", check, indent=2)
-    if label_check_max_deg is not None and check["mean_angle_deg"] > label_check_max_deg:
-        raise RenderError(f"{shard_dir}: rendered normals disagree with normals estimated from depth by "
-                          f"{check['mean_angle_deg']:.1f} deg on average (limit label_check.max_mean_angle_deg="
-                          f"{label_check_max_deg}); see label_check.json")
+    failures = label_check_failures(check, label_check_max_deg) if label_check_max_deg is not None else []
+    if failures:
+        raise RenderError(f"{shard_dir}: {'; '.join(failures)}; see label_check.json")
     return ShardReport(shard=shard, frames=len(records), rendered_scenes=len(todo), label_check=check)
 
 
@@ -267,17 +267,67 @@ def merge_coco(shard_dir: Path, categories: dict[int, str]) -> None:
     _write_json(shard_dir / "coco_annotations.json", coco)
 
 
+#: Objects whose top face is the support plane at z = 0 (tabletop: the table; room: the floor).
+SUPPORT_PLANES = ("table", "floor")
+#: Exact-label tolerances on the support plane (measured with the 0.01 px label pass: 0.01 deg and a relative
+#: depth error under 1e-5 on every top-face pixel, boundary pixels included; blended normals gave 26-62 deg, the
+#: old width-based cam_K on portrait frames a depth error of 7-31%).
+SUPPORT_PLANE_MAX_DEG = 0.5
+SUPPORT_PLANE_MAX_DEPTH_REL_ERROR = 1e-3
+
+
 def check_shard_labels(shard_dir: Path, records: dict[int, dict], *, n_frames: int, seed: int) -> dict:
-    """Open3d label check on up to ``n_frames`` frames: normals from back-projected depth vs rendered normals."""
+    """Label checks on up to ``n_frames`` frames of the shard.
+
+    * ``mean_angle_deg``: open3d normals estimated from back-projected depth vs rendered normals, estimated within
+      each instance (a neighbourhood never straddles two objects), on every surface pixel except the near side of
+      depth jumps (occlusion edges, where an object's own points are one-sided); instance boundaries are included.
+    * ``support_plane``: exact comparison with the support plane's equation (:func:`render.labels.check_support_plane`)
+      on every visible top-face pixel, those next to objects included: the largest normal angle and the largest
+      relative depth error (which catches a wrong ``cam_K``).
+    """
     rng = np.random.default_rng(seed)
     ids = sorted(records)[:n_frames]
-    per_frame = {}
+    per_frame, planes = {}, {}
     for frame_id in ids:
         frame = read_frame(shard_dir / records[frame_id]["file"])
-        # Points next to a contour have neighbourhoods straddling two surfaces.
-        near_contour = labels.instance_boundaries(frame["instance_segmaps"]) | frame["contours"].astype(bool)
         result = labels.check_normals(frame["depth"], frame["normals"], frame["cam_K"], rng=rng,
-                                      exclude=near_contour)
+                                      segments=frame["instance_segmaps"],
+                                      exclude=labels.occlusion_edges(frame["depth"]))
         per_frame[frame_id] = dataclasses.asdict(result)
+        names = {m["name"]: m["idx"] for m in frame["instance_attribute_maps"]}
+        poses = json.loads(frame["attrs"].get("object_poses", "{}"))
+        for name in SUPPORT_PLANES:
+            if name in names and name in poses:
+                plane = labels.check_support_plane(
+                    frame["depth"], frame["normals"], frame["cam_K"], frame["attrs"]["cam2world_blender"],
+                    poses[name], frame["instance_segmaps"] == names[name], frame["instance_segmaps"])
+                if plane.n_points:
+                    planes[frame_id] = dataclasses.asdict(plane)
+                break
     means = [r["mean_angle_deg"] for r in per_frame.values() if r["n_points"]]
-    return {"mean_angle_deg": float(np.mean(means)) if means else float("nan"), "frames": per_frame}
+    support = {"frames": planes}
+    if planes:
+        support.update(max_angle_deg=max(p["max_angle_deg"] for p in planes.values()),
+                       max_depth_rel_error=max(p["max_depth_rel_error"] for p in planes.values()),
+                       n_points=sum(p["n_points"] for p in planes.values()),
+                       n_boundary=sum(p["n_boundary"] for p in planes.values()))
+    return {"mean_angle_deg": float(np.mean(means)) if means else float("nan"), "frames": per_frame,
+            "support_plane": support}
+
+
+def label_check_failures(check: dict, max_mean_angle_deg: float) -> list[str]:
+    """Why a shard's label check fails (empty: it passes)."""
+    failures = []
+    if check["mean_angle_deg"] > max_mean_angle_deg:
+        failures.append(f"rendered normals disagree with normals estimated from depth by "
+                        f"{check['mean_angle_deg']:.1f} deg on average (limit label_check.max_mean_angle_deg="
+                        f"{max_mean_angle_deg})")
+    plane = check.get("support_plane", {})
+    if plane.get("max_angle_deg", 0.0) > SUPPORT_PLANE_MAX_DEG:
+        failures.append(f"support-plane normals are up to {plane['max_angle_deg']:.2f} deg off the plane's "
+                        f"(limit {SUPPORT_PLANE_MAX_DEG})")
+    if plane.get("max_depth_rel_error", 0.0) > SUPPORT_PLANE_MAX_DEPTH_REL_ERROR:
+        failures.append(f"back-projected support-plane depth is up to {plane['max_depth_rel_error']:.2%} off the "
+                        f"plane (limit {SUPPORT_PLANE_MAX_DEPTH_REL_ERROR:.1%}): wrong cam_K or depth")
+    return failures

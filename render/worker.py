@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from render import labels
+from render.builder import CAMERA_SENSOR_FIT
 from synth.frames import sha256
 from synth.scene import BACKGROUND_CATEGORY, SceneSpec
 
@@ -88,7 +89,7 @@ def frame_labels(data: dict, index: int, *, fov_deg: float, width: int, height: 
         "boxes": boxes,
         "box_category_ids": box_categories,
         "box_instance_ids": box_instances,
-        "cam_K": labels.intrinsics(width, height, np.radians(fov_deg)),
+        "cam_K": labels.intrinsics(width, height, np.radians(fov_deg), sensor_fit=CAMERA_SENSOR_FIT),
     }
 
 
@@ -103,7 +104,7 @@ def render_scene(bp, builder, task: dict, settings: RenderSettings, shard_dir: s
     views = len(task["frame_ids"])
     spec.camera.poses = spec.camera.poses[:views]
     objects = builder.build(spec)
-    data = bp.renderer.render()
+    data = render_frames(bp, settings)
     # Poses after physics, so a frame can be re-rendered without simulating again.
     object_poses = {o.get_name(): np.asarray(o.get_local2world_mat()).tolist() for o in objects}
 
@@ -152,8 +153,53 @@ def render_scene(bp, builder, task: dict, settings: RenderSettings, shard_dir: s
     return {"scene_index": task["scene_index"], "scene_seed": spec.seed, "frames": frames}
 
 
+# Film filter width of the label pass, in pixels: Cycles' smallest, so every sample goes through the pixel centre.
+LABEL_FILTER_WIDTH = 0.01
+
+
+def render_frames(bp, settings: RenderSettings) -> dict:
+    """Render the current scene's frames: exact labels from one pass, anti-aliased colours from another.
+
+    Cycles writes depth and object ids from a pixel's first sample only, but accumulates the Normal pass over all
+    samples through its 1.5 px pixel filter, so normals on either side of an object boundary were mixtures of two
+    surfaces (up to 63 deg off) and depth came from a point up to ~0.75 px off the pixel centre. The label pass
+    renders one sample per pixel with a 0.01 px filter and no denoiser: depth, normals and instance ids all
+    describe the surface under the pixel centre, which is where :func:`render.labels.backproject` and ``cam_K``
+    put the ray. The colour pass then renders with the configured samples, filter and denoiser, with the
+    compositor off (it only feeds the label outputs).
+
+    Returns:
+        BlenderProc's ``render()`` dict: ``colors`` from the colour pass, every label key from the label pass.
+    """
+    scene, layer = bp.bpy.context.scene, bp.bpy.context.view_layer
+    cycles = scene.cycles
+    keys = ("samples", "filter_width", "use_adaptive_sampling", "use_denoising")
+    saved = {key: getattr(cycles, key) for key in keys}
+    saved_layer_denoising = layer.cycles.use_denoising
+    try:
+        cycles.samples, cycles.filter_width = 1, LABEL_FILTER_WIDTH
+        cycles.use_adaptive_sampling = cycles.use_denoising = layer.cycles.use_denoising = False
+        data = bp.renderer.render()
+    finally:
+        for key, value in saved.items():
+            setattr(cycles, key, value)
+        layer.cycles.use_denoising = saved_layer_denoising
+    scene.use_nodes = False
+    try:
+        colors = bp.renderer.render(load_keys={"colors"})["colors"]
+    finally:
+        scene.use_nodes = True
+    return {**data, "colors": colors}
+
+
 def configure_renderer(bp, settings: RenderSettings) -> None:
     """Cycles settings of a worker (and of the benchmark's bare loop, so both render the same pixels)."""
+    # BlenderProc's init turns on persistent data, which keeps Cycles' scene between renders and re-syncs it. Cycles
+    # keys its objects by the Blender objects' memory addresses, so after a new scene is built its lights can come
+    # out in another order, and light sampling draws other noise: one scene with two lights gave 4 different RGB
+    # images in 6 identical renders (depth, normals and labels identical). Off, every render syncs from scratch
+    # and the same scene and seed give the same pixels.
+    bp.bpy.context.scene.render.use_persistent_data = False
     bp.renderer.set_max_amount_of_samples(settings.max_samples)
     bp.renderer.set_noise_threshold(settings.noise_threshold)
     bp.renderer.set_cpu_threads(settings.threads)
