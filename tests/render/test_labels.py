@@ -103,6 +103,18 @@ def test_intrinsics_values_and_rays():
     assert math.degrees(math.atan2(ray[0], ray[2])) == pytest.approx(-30.0)
 
 
+def test_intrinsics_follow_blenders_sensor_fit():
+    fov = math.radians(60)
+    f_long = 32 / math.tan(math.radians(30))  # the 64 px side spans the field of view
+    # Portrait: Blender's AUTO fit puts the field of view on the height (48x64 gave fx = 46.1 before, not 61.5).
+    np.testing.assert_allclose(intrinsics(48, 64, fov), [[f_long, 0, 24], [0, f_long, 32], [0, 0, 1]])
+    np.testing.assert_allclose(intrinsics(64, 48, fov), intrinsics(64, 48, fov, sensor_fit="HORIZONTAL"))
+    np.testing.assert_allclose(intrinsics(48, 64, fov, sensor_fit="HORIZONTAL")[0, 0], 24 / math.tan(math.radians(30)))
+    np.testing.assert_allclose(intrinsics(64, 48, fov, sensor_fit="VERTICAL")[1, 1], 24 / math.tan(math.radians(30)))
+    with pytest.raises(ValueError, match="sensor_fit"):
+        intrinsics(48, 64, fov, sensor_fit="DIAGONAL")
+
+
 def test_backproject():
     f = 32 / math.tan(math.radians(30))
     K = np.array([[f, 0, 32], [0, f, 32], [0, 0, 1]])
