@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from synth.checkpoint import read_checkpoint, save_checkpoint
 from synth.data import StepSampler, collate_frames
 from synth.io import atomic_write_json, atomic_write_text
 from synth.objective import ObjectiveTraits, objective_traits
@@ -206,12 +207,6 @@ def _loader(dataset, *, batch_size, seed, start_step, rank, world, num_workers) 
         yield from loader
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def parameter_fingerprint(module: nn.Module) -> list[float]:
     """(sum, sum of squares) of every parameter in float64: equal across DDP ranks iff weights agree."""
     flat = torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
@@ -313,15 +308,19 @@ class Engine:
         }
 
     def save(self) -> None:
+        """Write :meth:`state_dict` to ``checkpoints/last.pt`` atomically (:func:`synth.checkpoint.save_checkpoint`)."""
         if self.rank == 0:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(self.state_dict(), self.checkpoint_path)
+            save_checkpoint(self.state_dict(), self.checkpoint_path)
 
     def resume(self) -> bool:
-        """Load ``last.pt`` if the run folder has one; returns whether it did."""
+        """Load ``last.pt`` if the run folder has one; returns whether it did.
+
+        Raises:
+            CheckpointError: ``last.pt`` is not a readable checkpoint (one line naming it and what to do).
+        """
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(self.checkpoint_path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.disc_optimizer is not None and state["disc_optimizer"] is not None:
