@@ -16,12 +16,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adapt.transfer import TASKS, check_budget, format_table, resolve_checkpoint, run_transfer, write_results
+from adapt.transfer import TASK_DATA, TASKS, check_budget, format_table, run_transfer, write_results
 from apps.launch import checked, run_hydra
-
-#: Which data group each task reads.
-TASK_DATA = {"linear_probe": "classification", "finetune": "classification", "detection": "detection",
-             "segmentation": "segmentation", "depth": "depth"}
+from synth.checkpoint import resolve_checkpoint
 
 
 @dataclass
@@ -43,7 +40,8 @@ class TransferApp:
         checkpoint: Shorthand for one checkpoint, labelled ``pretrained``.
         tasks: Among ``linear_probe``, ``finetune``, ``detection``, ``segmentation``, ``depth``.
         budget: ``{task: settings}`` (steps, batch size, learning rate, sizes) shared by every checkpoint and the
-            random baseline; see :data:`adapt.transfer.DEFAULT_BUDGET`.
+            random baseline; each task's budget dataclass holds its keys and their defaults (e.g.
+            :class:`adapt.transfer.detection.DetectionBudget`).
         seed: Seeds the baseline's initialisation, every head and every data order.
         device: ``auto``, ``cpu`` or ``cuda``.
         out_dir: ``results.csv``, ``results.md`` and ``linear_probe_stages.png`` go here.
@@ -132,4 +130,4 @@ def command(args: list[str]) -> None:
     run_hydra("synth_transfer", transfer_job, args)
 
 
-__all__ = ["TransferApp", "build_data", "check_config", "command", "transfer_job"]
+__all__ = ["TASK_DATA", "TransferApp", "build_data", "check_config", "command", "transfer_job"]
