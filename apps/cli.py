@@ -16,18 +16,20 @@ commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
   pretrain train one backbone on several objectives (synthetic heads, pretext, contrastive, adaptation)
   transfer score checkpoints and the random-init baseline on real tasks (probe, detection, segmentation, depth)
+  adapt-images  train the rendered-to-real translator (CycleGAN + OP-GAN); `adapt-images apply` translates a dataset
   demo     the main job on a small default: render, pretrain, transfer, print the results table
   experiment=NAME  run an experiment file of configs/experiment/ (e.g. experiment=ablation)
 
 examples:
   synth render scene=room n_frames=64 out_dir=data/rooms
   synth render --cfg job            # print the composed config
+  synth adapt-images apply checkpoint=runs/adapt_images source=data/tabletop out_dir=data/tabletop_real
   synth demo
   synth experiment=ablation
 """
 #: Subcommand -> app module; imported on use, so ``synth render`` does not pay for torch's import.
 COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfer": "apps.transfer", "demo": "apps.demo",
-            "experiment": "apps.experiment"}
+            "experiment": "apps.experiment", "adapt-images": "apps.adapt_images"}
 
 
 def main(argv: list[str] | None = None) -> int:
