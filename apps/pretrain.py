@@ -117,6 +117,7 @@ def build_engine(cfg: DictConfig) -> Engine:
             objectives[name] = instantiate(node)
     data = cfg.data
     datasets, eval_datasets = {}, {}
+    report = {}  # what the data sources skipped, for the summary
     measure = {}  # domain -> [held-out, training] datasets without augmentation, for the domain-gap monitor
     gap = "domain_gap" in cfg.monitor  # measured on both domains even when only one is trained on
     if any("synthetic" in o.domains for o in objectives.values()) or gap:
@@ -150,6 +151,8 @@ def build_engine(cfg: DictConfig) -> Engine:
         node = OmegaConf.to_container(data.real, resolve=True)
         holdout = node.pop("holdout")
         pool = instantiate(node, seed=trainer.seed)
+        report["real_images"] = len(pool)
+        report["real_unreadable"] = pool.n_unreadable  # each was logged by name when decoding
         train, held = pool.split(holdout)
         if not train:
             raise ValueError(f"data.real.holdout={holdout} leaves no real training image out of {len(pool)}")
@@ -160,7 +163,7 @@ def build_engine(cfg: DictConfig) -> Engine:
         measure["real"] = [pool.subset(held, train=False) if held else None, pool.subset(train, train=False)]
     return Engine(backbone=backbone, objectives=objectives, weights=weights, datasets=datasets,
                   settings=trainer, out_dir=cfg.out_dir, eval_datasets=eval_datasets,
-                  config=plain_config(cfg), monitors=build_monitors(cfg, measure))
+                  config=plain_config(cfg), monitors=build_monitors(cfg, measure), data_report=report)
 
 
 def _first_images(datasets: list, n: int) -> torch.Tensor:
@@ -172,7 +175,7 @@ def _first_images(datasets: list, n: int) -> torch.Tensor:
             if len(images) == n:
                 break
             sample = dataset[(i, 0)]
-            if sample is not None:
+            if isinstance(sample, dict):  # not a corrupt frame
                 images.append(sample["image"])
     return torch.stack(images)
 
@@ -215,6 +218,11 @@ def check_config(cfg: DictConfig) -> None:
 def pretrain_job(cfg: DictConfig) -> dict:
     """The Hydra task function of ``synth pretrain``."""
     summary = build_engine(cfg).fit()
+    skipped = [f"{summary[k]} {what}" for k, what in (("corrupt_frames", "corrupt rendered frames"),
+                                                        ("real_unreadable", "unreadable real images"))
+               if summary.get(k)]
+    if skipped:
+        print(f"skipped {' and '.join(skipped)} (named in the log above and in {cfg.out_dir}/summary.json)")
     if summary.get("eval"):
         lines = [f"  {k.removeprefix('eval/')}: {v:.4g}" for k, v in sorted(summary["eval"].items())]
         print(f"pretrained {summary['steps']} steps -> {cfg.out_dir}\nheld-out metrics:\n" + "\n".join(lines))

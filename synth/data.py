@@ -253,17 +253,31 @@ def _scan(roots: list[Path]) -> list[tuple[Path, dict]]:
     return [item for root in roots for item in list_frames(root)]
 
 
-def _load(shard_dir: Path, record: dict, verify: bool) -> dict | None:
-    """Read one frame; a corrupt one is logged (naming the file) and gives None."""
+class CorruptSample(str):
+    """What a dataset returns for a corrupt frame instead of a sample: the frame's file path (a ``str``), so the
+    batch can say which files were skipped (:func:`collate_frames`)."""
+
+
+#: (file, index checksum) of corrupt frames already reported by this process: one warning per file, not per read.
+_REPORTED: set[tuple[str, str]] = set()
+
+
+def _load(shard_dir: Path, record: dict, verify: bool) -> dict | CorruptSample:
+    """Read one frame; a corrupt one is logged once per process (naming the file) and gives its path as a
+    :class:`CorruptSample`."""
     path = shard_dir / record["file"]
     try:
         if verify and sha256(path) != record["sha256"]:
             raise CorruptFrameError(f"{path}: checksum mismatch with {shard_dir / 'index.jsonl'}")
         return read_frame(path)
     except (CorruptFrameError, OSError) as error:
-        reason = str(error).removeprefix(f"{path}: ")  # the reader's message already starts with the path
-        logger.warning("skipping corrupt frame %s: %s", path, reason)
-        return None
+        key = (str(path), str(record.get("sha256")))
+        if key not in _REPORTED:
+            _REPORTED.add(key)
+            reason = str(error).removeprefix(f"{path}: ")  # the reader's message already starts with the path
+            logger.warning("skipping corrupt frame %s: %s (reported once; a rerun of synth render repairs it)",
+                           path, reason)
+        return CorruptSample(path)
 
 
 class RenderedFrames(torch.utils.data.Dataset):
@@ -314,7 +328,7 @@ class RenderedFrames(torch.utils.data.Dataset):
         shard_dir, record = self.frames[index]
         return shard_dir / record["file"]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | CorruptSample:
         """One augmented sample.
 
         Args:
@@ -324,7 +338,8 @@ class RenderedFrames(torch.utils.data.Dataset):
 
         Returns:
             The output of :class:`FrameAugment` plus ``seed`` (0-dim int64, the sample seed, from which objectives
-            draw their own randomness), or None when the frame is corrupt (a warning names the file).
+            draw their own randomness), or a :class:`CorruptSample` (the file's path) when the frame is corrupt (a
+            warning names the file, once).
         """
         if isinstance(key, tuple | list):
             index, sample_seed = key
@@ -334,8 +349,8 @@ class RenderedFrames(torch.utils.data.Dataset):
         if sample_seed is None:
             sample_seed = _derive_seed(self.seed, index)
         frame = _load(*self.frames[index], self.verify)
-        if frame is None:
-            return None
+        if isinstance(frame, CorruptSample):
+            return frame
         return {**self.augment(frame, torch.Generator().manual_seed(int(sample_seed))),
                 "seed": torch.tensor(int(sample_seed), dtype=torch.int64)}
 
@@ -404,7 +419,7 @@ class StreamingFrames(torch.utils.data.IterableDataset):
             sample_seed = int(rng.integers(2**63))
             since_scan += 1
             frame = _load(shard_dir, record, verify=False)
-            if frame is None:
+            if isinstance(frame, CorruptSample):
                 bad.add((str(shard_dir / record["file"]), record["sha256"]))
                 frames = [f for f in frames if f[1] is not record]
                 continue
@@ -462,20 +477,24 @@ class StepSampler(torch.utils.data.Sampler):
             position += self.world_size
 
 
-def collate_frames(samples: list[dict | None]) -> dict:
+def collate_frames(samples: list[dict | CorruptSample | None]) -> dict:
     """Stack fixed-size fields; keep boxes/box_categories as lists; drop None (corrupt) samples and report how
     many were dropped as batch['n_corrupt'] (int).
 
     Args:
-        samples: Outputs of :class:`FrameAugment` (or None for corrupt frames).
+        samples: Outputs of :class:`FrameAugment`, or a :class:`CorruptSample` (or None) for corrupt frames.
 
     Returns:
         ``image`` (B, 3, S, S), ``depth`` (B, 1, S, S), ..., ``frame_id`` (B,) stacked over the B good samples;
-        ``boxes``, ``box_categories`` and ``box_instances`` as lists of B tensors; ``n_corrupt``. When every
-        sample is corrupt the batch holds only ``n_corrupt``.
+        ``boxes``, ``box_categories`` and ``box_instances`` as lists of B tensors; ``n_corrupt`` (samples dropped)
+        and, when a dropped sample named its file, ``corrupt_files`` (those paths). When every sample is corrupt
+        the batch holds only those keys.
     """
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if isinstance(s, dict)]
     batch: dict = {"n_corrupt": len(samples) - len(good)}
+    files = [str(s) for s in samples if isinstance(s, CorruptSample)]
+    if files:
+        batch["corrupt_files"] = files
     if not good:
         return batch
     for key in good[0]:

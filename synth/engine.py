@@ -237,7 +237,8 @@ class Engine:
 
     def __init__(self, *, backbone: nn.Module, objectives: dict[str, nn.Module], weights: dict[str, float],
                  datasets: dict, settings: TrainerSettings, out_dir: str | os.PathLike,
-                 eval_datasets: dict | None = None, config: dict | None = None, monitors: dict | None = None):
+                 eval_datasets: dict | None = None, config: dict | None = None, monitors: dict | None = None,
+                 data_report: dict | None = None):
         if not objectives:
             raise ValueError("no objective to train: list at least one in objective=[...]")
         traits = {name: objective_traits(name, o) for name, o in objectives.items()}  # the contract, checked once
@@ -252,6 +253,7 @@ class Engine:
         self.datasets = datasets
         self.eval_datasets = eval_datasets or {}
         self.monitors = monitors or {}
+        self.data_report = dict(data_report or {})
         self.out_dir = Path(out_dir)
         self.config = config or {}
         self.rank, self.world, local_rank = _distributed()
@@ -449,7 +451,7 @@ class Engine:
             writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step if resumed else None)
         iterators = {d: _loader(ds, batch_size=s.batch_size, seed=s.seed, start_step=self.step, rank=self.rank,
                                 world=self.world, num_workers=s.num_workers) for d, ds in self.datasets.items()}
-        n_corrupt = 0
+        n_corrupt, corrupt_files = 0, set()
         bar = tqdm(total=s.steps, initial=self.step, disable=self.rank != 0, desc="pretrain", unit="step",
                    dynamic_ncols=True)
         tic, seen = time.perf_counter(), 0
@@ -457,11 +459,12 @@ class Engine:
             while self.step < s.steps:
                 batches = {}
                 for domain, it in iterators.items():
-                    batch = next(it)
-                    n_corrupt += batch.pop("n_corrupt", 0)
-                    while "image" not in batch:  # every sample of the batch was corrupt (and reported)
+                    while True:
                         batch = next(it)
                         n_corrupt += batch.pop("n_corrupt", 0)
+                        corrupt_files.update(batch.pop("corrupt_files", ()))
+                        if "image" in batch:  # else every sample of the batch was corrupt (and reported)
+                            break
                     batches[domain] = _to(batch, self.device, s.channels_last)
                 log_now = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
                 logs = self.train_step(batches, with_metrics=log_now)
@@ -472,7 +475,8 @@ class Engine:
                     logs = {k: float(v) for k, v in logs.items()}
                     elapsed = time.perf_counter() - tic
                     logs["images_per_s"] = seen / max(elapsed, 1e-9)
-                    logs["data/corrupt_frames"] = n_corrupt
+                    logs["data/corrupt_frames"] = len(corrupt_files)  # files, each reported once by the loader
+                    logs["data/corrupt_samples"] = n_corrupt  # draws that hit one of them and were skipped
                     tic, seen = time.perf_counter(), 0
                     for key, value in logs.items():
                         writer.add_scalar(key, value, self.step)
@@ -490,7 +494,8 @@ class Engine:
         finally:
             bar.close()
         self.save()
-        summary = {"steps": self.step, "world_size": self.world, "corrupt_frames": n_corrupt,
+        summary = {"steps": self.step, "world_size": self.world, "corrupt_frames": len(corrupt_files),
+                   "corrupt_samples": n_corrupt, "corrupt_files": sorted(corrupt_files), **self.data_report,
                    "device": str(self.device), "amp": str(self.amp_dtype)}
         fingerprint = parameter_fingerprint(self.model)
         if self.world > 1:

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    CorruptSample,
     FrameAugment,
     RenderedFrames,
     StepSampler,
@@ -353,11 +353,14 @@ def test_corrupt_frame_is_logged_and_dropped(dataset_dir, caplog):
     bad.write_bytes(bad.read_bytes()[:1000])  # truncated
     ds = RenderedFrames(dataset_dir, augment=FrameAugment(size=16))
     with caplog.at_level(logging.WARNING, logger="synth.data"):
-        assert ds[1] is None
-    assert any(str(bad) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        assert isinstance(ds[1], CorruptSample) and ds[1] == str(bad)  # the file, not a sample
+        ds[1]
+    warnings = [r for r in caplog.records if str(bad) in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per file, however often it is drawn
 
     batch = collate_frames([ds[0], ds[1], ds[2]])
     assert batch["n_corrupt"] == 1 and batch["image"].shape == (2, 3, 16, 16)
+    assert batch["corrupt_files"] == [str(bad)]
     assert batch["frame_id"].tolist() == [0, 2] and len(batch["boxes"]) == 2
     assert collate_frames([None]) == {"n_corrupt": 1}
 
@@ -370,9 +373,9 @@ def test_corrupt_frame_is_logged_and_dropped(dataset_dir, caplog):
 def test_verify_catches_a_checksum_mismatch(dataset_dir, caplog):
     path = dataset_dir / "shard_00000" / "frames" / "00000002.hdf5"
     write_frame(path, make_frame(3) | {"attrs": {"frame_id": 2}})  # readable, but not what the index hashed
-    assert RenderedFrames(dataset_dir, augment=FrameAugment(size=16))[2] is not None
+    assert isinstance(RenderedFrames(dataset_dir, augment=FrameAugment(size=16))[2], dict)
     with caplog.at_level(logging.WARNING, logger="synth.data"):
-        assert RenderedFrames(dataset_dir, augment=FrameAugment(size=16), verify=True)[2] is None
+        assert isinstance(RenderedFrames(dataset_dir, augment=FrameAugment(size=16), verify=True)[2], CorruptSample)
     assert any(str(path) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
 
 
