@@ -4,7 +4,8 @@ Trains two translators on the same rendered frames and real photos, with the sam
 plain CycleGAN (``opgan_weight=0``) and OP-GAN (``opgan_weight=1``). Then measures, on centre crops:
 
 - the domain gap to HELD-OUT real photos (never trained on) of (a) the rendered frames, (b) their CycleGAN
-  translations, (c) their OP-GAN translations, on a fixed random-init ResNet-18
+  translations, (c) their OP-GAN translations: the distance between the per-channel colour mean and standard
+  deviation of the two sets, and measures on a fixed random-init ResNet-18
   (:func:`adapt.translate_eval.translation_gap`: domain-classifier accuracy, Gaussian MMD, proxy A-distance);
 - object preservation between each frame and its translation (:func:`adapt.translate_eval.edge_preservation`:
   Sobel edge-map L1 and correlation), and the cycle error :math:`|F(G(a)) - a|` in [-1, 1] units;
@@ -62,6 +63,13 @@ def train(name: str, opgan_weight: float, synthetic, real, args, out: Path) -> t
     return trainer, times
 
 
+def colour_distance(images: torch.Tensor, real: torch.Tensor) -> float:
+    """Distance between the per-channel mean and standard deviation (over all pixels) of two image sets."""
+    def stats(x):
+        return torch.cat([x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))])
+    return float((stats(images) - stats(real)).norm())
+
+
 @torch.no_grad()
 def measure(trainer: TranslatorTrainer | None, rendered: torch.Tensor, real: torch.Tensor, backbone) -> dict:
     a = to_unit_range(rendered)
@@ -73,6 +81,7 @@ def measure(trainer: TranslatorTrainer | None, rendered: torch.Tensor, real: tor
         images = to_imagenet(fake)
         row = edge_preservation(a, fake)
         row["cycle_l1"] = float((trainer.translator.g_ba.translate(fake) - a).abs().mean())
+    row["colour_dist"] = colour_distance(to_unit_range(images), to_unit_range(real))
     gap = translation_gap(images, real, backbone)
     for stage in ("layer3", "layer4"):
         for metric in ("domain_acc", "mmd_rbf", "pad"):
@@ -135,8 +144,8 @@ def main() -> None:
             trainer, times = train(name, weight, synthetic, real_train, args, tmp)
             seconds[name] = statistics.median(times[5:] or times)
             rows[name] = measure(trainer, rendered, real, backbone)
-    columns = ["layer3/domain_acc", "layer4/domain_acc", "layer3/mmd_rbf", "layer4/mmd_rbf", "layer4/pad",
-               "edge_l1", "edge_corr", "cycle_l1"]
+    columns = ["colour_dist", "layer3/domain_acc", "layer4/domain_acc", "layer3/mmd_rbf", "layer4/mmd_rbf",
+               "layer4/pad", "edge_l1", "edge_corr", "cycle_l1"]
     print("| images | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, row in rows.items():
