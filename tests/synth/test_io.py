@@ -8,8 +8,14 @@ import sys
 import pytest
 import torch
 
-from synth.io import (DiskFullError, atomic_path, atomic_write_json, atomic_write_text, clear_stale_temporaries,
-                      temporary_name)
+from synth.io import (
+    DiskFullError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    clear_stale_temporaries,
+    temporary_name,
+)
 from synth.runtime import build_optimizer, resolve_device
 
 

@@ -49,7 +49,7 @@ def test_broken_objective_is_named(change, message):
 
 
 def test_not_a_module():
-    with pytest.raises(ObjectiveContractError, match="nn.Module"):
+    with pytest.raises(ObjectiveContractError, match=r"nn\.Module"):
         objective_traits("f", lambda batch, backbone: {})
 
 

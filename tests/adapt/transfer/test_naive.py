@@ -76,8 +76,8 @@ def test_raw_pixel_probe_separates_bright_from_dark():
 
 def _detection(items):
     return _Items((torch.zeros(3, 10, 20), {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-                                            "labels": torch.tensor(l, dtype=torch.int64), "image_id": i})
-                  for i, (b, l) in enumerate(items))
+                                            "labels": torch.tensor(labels, dtype=torch.int64), "image_id": i})
+                  for i, (b, labels) in enumerate(items))
 
 
 def test_prior_boxes_by_hand():
