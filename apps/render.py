@@ -22,7 +22,7 @@ from render.shard import n_shards, render_shard
 from render.worker import RenderSettings
 from synth.config import register
 from synth.frames import read_index
-from synth.sampling import RoomScene, TabletopScene
+from synth.sampling import FurnishedRoomScene, RoomScene, ScannedTabletopScene, TabletopScene
 
 
 @dataclass
@@ -60,8 +60,10 @@ class RenderApp:
     label_check: LabelCheck = field(default_factory=LabelCheck)
 
 
-register("scene", "tabletop_schema", TabletopScene)
-register("scene", "room_schema", RoomScene)
+register("scene", "primitives_tabletop_schema", TabletopScene)
+register("scene", "primitives_room_schema", RoomScene)
+register("scene", "tabletop_schema", ScannedTabletopScene)
+register("scene", "room_schema", FurnishedRoomScene)
 register("render", "cycles_schema", RenderSettings)
 ConfigStore.instance().store(name="render_app_schema", node=RenderApp)
 

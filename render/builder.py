@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from synth.meshes import procedural_mesh
-from synth.scene import Light, Material, ObjectSpec, SceneSpec
+from synth.scene import Light, Material, ObjectSpec, SceneSpec, World
 
 _TEXTURE_NODES = {
     "noise": "ShaderNodeTexNoise",
@@ -56,7 +56,7 @@ class SceneBuilder:
         objects = [self.add_object(o) for o in spec.objects]
         for light in spec.lights:
             self.add_light(light)
-        self.bp.renderer.set_world_background(list(spec.world.color), strength=spec.world.strength)
+        self.set_world(spec.world)
         if spec.physics:
             # A sphere never counts as at rest: the simulated time is capped by the spec.
             self.bp.object.simulate_physics_and_fix_final_poses(
@@ -72,8 +72,11 @@ class SceneBuilder:
     def add_object(self, spec: ObjectSpec):
         obj = self._mesh(spec)
         obj.set_name(spec.name)
-        self._normalise(obj)
-        obj.set_scale(list(spec.size))
+        extent = self._normalise(obj)
+        if spec.shape.fit == "box":  # the bounding box becomes exactly spec.size (a catalogue asset's real size)
+            obj.set_scale([s / max(e, 1e-9) for s, e in zip(spec.size, extent, strict=True)])
+        else:
+            obj.set_scale(list(spec.size))
         obj.set_rotation_euler(list(spec.rotation))
         if spec.support_z is None:
             obj.set_location(list(spec.location))
@@ -83,9 +86,12 @@ class SceneBuilder:
             lowest = np.asarray(obj.get_bound_box())[:, 2].min()
             obj.set_location([spec.location[0], spec.location[1], spec.support_z + spec.location[2] - lowest])
         obj.set_cp("category_id", int(spec.category_id))
-        if not obj.get_materials() or spec.shape.source != "file":
+        # A catalogue asset keeps its own (textured) materials unless the spec swaps them; a user file keeps its own.
+        keep = spec.shape.source == "file" or (spec.shape.source == "asset" and spec.material is None)
+        if not keep or not obj.get_materials():
+            material = spec.material or Material(base_color=(0.6, 0.6, 0.6), roughness=0.6, metallic=0.0)
             obj.clear_materials()
-            obj.add_material(self.material(spec.material, f"{spec.name}_material"))
+            obj.add_material(self.material(material, f"{spec.name}_material", size=spec.size))
         if spec.physics == "active":
             # Damping stops spheres rolling for ever: a settled pile is reproducible, a rolling ball is chaotic.
             obj.enable_rigidbody(active=True, collision_shape="CONVEX_HULL", mass=1.0, friction=0.9,
@@ -111,8 +117,10 @@ class SceneBuilder:
             mesh.shade_smooth()
             mesh.set_sharp_from_angle(angle=math.radians(35))
             return self.bp.types.MeshObject(blender_obj)
-        if shape.source == "file":
-            parts = self.bp.loader.load_obj(shape.name)
+        if shape.source in ("file", "asset"):
+            # Blender's OBJ importer turns Y-up files to Z-up by default; Z-up files (GSO) keep their axes.
+            axes = {"forward_axis": "Y", "up_axis": "Z"} if shape.source == "asset" and shape.up_axis == "Z" else {}
+            parts = self.bp.loader.load_obj(shape.name, **axes)
             if not parts:
                 raise RuntimeError(f"BlenderProc loaded no mesh from {shape.name}")
             if len(parts) > 1:
@@ -120,8 +128,9 @@ class SceneBuilder:
             return parts[0]
         raise ValueError(f"unknown shape source {shape.source!r} for object {spec.name}")
 
-    def _normalise(self, obj) -> None:
-        """Centre the mesh's bounding box at the origin and scale its largest side to 1 (in mesh data)."""
+    def _normalise(self, obj) -> np.ndarray:
+        """Centre the mesh's bounding box at the origin and scale its largest side to 1 (in mesh data); returns the
+        normalised bounding-box size."""
         from mathutils import Matrix
 
         mesh = obj.get_mesh()
@@ -136,14 +145,39 @@ class SceneBuilder:
         obj.set_location([0.0, 0.0, 0.0])
         obj.set_rotation_euler([0.0, 0.0, 0.0])
         obj.set_scale([1.0, 1.0, 1.0])
+        return (high - low) * scale
 
-    def material(self, spec: Material, name: str):
-        """A Principled BSDF material, with a procedural texture ramped between two colours if given."""
+    def material(self, spec: Material, name: str, size=(1.0, 1.0, 1.0)):
+        """A Principled BSDF material: a photograph box-projected in object space (tiles of ``image_scale`` metres
+        on an object of ``size``), or a procedural texture ramped between two colours, or a plain colour."""
         mat = self.bp.material.create(name)
         mat.set_principled_shader_value("Base Color", [*spec.base_color, 1.0])
         mat.set_principled_shader_value("Roughness", float(spec.roughness))
         mat.set_principled_shader_value("Metallic", float(spec.metallic))
-        if spec.texture is not None:
+        if spec.image is not None:
+            image = self.bpy.data.images.load(spec.image, check_existing=True)
+            texture = mat.new_node("ShaderNodeTexImage")
+            texture.image = image
+            texture.projection = "BOX"
+            texture.projection_blend = 0.1
+            coords, mapping = mat.new_node("ShaderNodeTexCoord"), mat.new_node("ShaderNodeMapping")
+            # Object coordinates of the normalised mesh span [-0.5, 0.5]: scale them to tiles of image_scale metres
+            # (0: one copy of the image on each face, offset so it starts at the face's corner).
+            tiles = [s / spec.image_scale if spec.image_scale > 0 else 1.0 for s in size]
+            mapping.inputs["Scale"].default_value = tiles
+            mapping.inputs["Location"].default_value = [0.5 * t for t in tiles]
+            mat.link(coords.outputs["Object"], mapping.inputs["Vector"])
+            mat.link(mapping.outputs["Vector"], texture.inputs["Vector"])
+            tint = mat.new_node("ShaderNodeMix")
+            tint.data_type, tint.blend_type = "RGBA", "MULTIPLY"
+            tint.inputs["Factor"].default_value = 1.0
+            rgba = {(socket.name, socket.type): socket for socket in tint.inputs}
+            rgba[("B", "RGBA")].default_value = (*spec.base_color, 1.0)
+            mat.link(texture.outputs["Color"], rgba[("A", "RGBA")])
+            result = next(socket for socket in tint.outputs if socket.type == "RGBA")
+            bsdf = mat.get_the_one_node_with_type("BsdfPrincipled")
+            mat.link(result, bsdf.inputs["Base Color"])
+        elif spec.texture is not None:
             texture = mat.new_node(_TEXTURE_NODES[spec.texture.kind])
             texture.inputs["Scale"].default_value = spec.texture.scale
             detail = _DETAIL_INPUTS.get(spec.texture.kind)
@@ -158,6 +192,28 @@ class SceneBuilder:
             bsdf = mat.get_the_one_node_with_type("BsdfPrincipled")
             mat.link(ramp.outputs["Color"], bsdf.inputs["Base Color"])
         return mat
+
+    def set_world(self, world: World) -> None:
+        """A uniform background colour, or an HDR environment map rotated about z (built here rather than with
+        BlenderProc's ``set_world_background_hdr_img``, which adds nodes on every call)."""
+        if world.hdri is None:
+            self.bp.renderer.set_world_background(list(world.color), strength=world.strength)
+            return
+        blender_world = self.bpy.context.scene.world
+        blender_world.use_nodes = True
+        tree = blender_world.node_tree
+        tree.nodes.clear()
+        output = tree.nodes.new("ShaderNodeOutputWorld")
+        background = tree.nodes.new("ShaderNodeBackground")
+        environment = tree.nodes.new("ShaderNodeTexEnvironment")
+        environment.image = self.bpy.data.images.load(world.hdri, check_existing=True)
+        mapping, coords = tree.nodes.new("ShaderNodeMapping"), tree.nodes.new("ShaderNodeTexCoord")
+        mapping.inputs["Rotation"].default_value = (0.0, 0.0, float(world.rotation))
+        tree.links.new(coords.outputs["Generated"], mapping.inputs["Vector"])
+        tree.links.new(mapping.outputs["Vector"], environment.inputs["Vector"])
+        tree.links.new(environment.outputs["Color"], background.inputs["Color"])
+        background.inputs["Strength"].default_value = float(world.strength)
+        tree.links.new(background.outputs["Background"], output.inputs["Surface"])
 
     def add_light(self, spec: Light):
         light = self.bp.types.Light(light_type=spec.type)

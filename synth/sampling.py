@@ -187,6 +187,7 @@ class SceneSampler:
     max_tries: int = 200
 
     family = "base"
+    _draws_assets = False  # the realistic families draw catalogue assets, not shapes
 
     def __post_init__(self) -> None:
         _check_scalar("views", self.views, low=1, integer=True)
@@ -212,7 +213,7 @@ class SceneSampler:
             raise SceneConfigError(f"scene.mesh_dir: expected a folder path, got {self.mesh_dir!r}")
         # Scanning validates every file now, so a bad folder fails before anything is written.
         self._mesh_files: list[MeshFile] = [] if self.mesh_dir is None else scan_mesh_folder(self.mesh_dir)
-        if not self.shapes and not self._mesh_files:
+        if not self.shapes and not self._mesh_files and not self._draws_assets:
             raise SceneConfigError("scene.shapes: empty, and no scene.mesh_dir given: nothing to place")
 
     @property
@@ -268,6 +269,22 @@ class SceneSampler:
         mesh = self._mesh_files[pick - len(self.shapes)]
         return Shape(source="file", name=mesh.path), ids[mesh.category]
 
+    def _draw_object(self, rng) -> tuple[Shape, int, tuple[float, float, float]]:
+        """A clutter object's shape, category id and size (subclasses draw catalogue assets instead)."""
+        shape, category = self._shape(rng)
+        return shape, category, self._size(rng)
+
+    def _object_material(self, rng, shape: Shape) -> Material | None:
+        return self._material(rng)
+
+    def _support_material(self, rng) -> Material:
+        """Material of the table (tabletop) or of the room's shell."""
+        return self._material(rng, textured_prob=0.9)
+
+    def _draw_fov(self, rng) -> float:
+        """The scene's field of view (fixed here; the realistic families draw it from a range)."""
+        return float(self.fov_deg)
+
     def _size(self, rng) -> tuple[float, float, float]:
         largest = rng.uniform(*self.object_size)
         factors = rng.uniform(*self.aspect, size=3)
@@ -318,7 +335,7 @@ class TabletopScene(SceneSampler):
     camera_elevation_deg: list[float] = field(default_factory=lambda: [25.0, 75.0])
     target_jitter: float = 0.05
 
-    family = "tabletop"
+    family = "primitives_tabletop"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,15 +360,14 @@ class TabletopScene(SceneSampler):
                 name="table", shape=Shape(source="primitive", name="cube"), category_id=BACKGROUND_CATEGORY,
                 location=(0.0, 0.0, -0.025), rotation=(0.0, 0.0, 0.0),
                 size=(self.table_size, self.table_size, 0.05),
-                material=self._material(rng, textured_prob=0.9),
+                material=self._support_material(rng),
                 physics="passive" if self.physics else "none",
             )
         ]
         placed: list[tuple[np.ndarray, float]] = []
         for i in range(int(rng.integers(self.n_objects[0], self.n_objects[1] + 1))):
-            shape, category = self._shape(rng)
-            size = self._size(rng)
-            radius = max(size) / 2
+            shape, category, size = self._draw_object(rng)
+            radius = _footprint_radius(shape, size)
             xy = self._free_spot(rng, radius, placed)
             placed.append((xy, radius))
             if self.physics:
@@ -363,12 +379,12 @@ class TabletopScene(SceneSampler):
             objects.append(ObjectSpec(
                 name=f"object_{i:02d}", shape=shape, category_id=category,
                 location=(float(xy[0]), float(xy[1]), gap), rotation=rotation, size=size,
-                material=self._material(rng), support_z=0.0,
+                material=self._object_material(rng, shape), support_z=0.0,
                 physics="active" if self.physics else "none",
             ))
 
         # Where the objects end up (approximately, physics moves them a little): bbox centres at rest.
-        centres = np.array([[o.location[0], o.location[1], max(o.size) / 2] for o in objects[1:]])
+        centres = np.array([[o.location[0], o.location[1], _rest_height(o)] for o in objects[1:]])
         lights = []
         for _ in range(int(rng.integers(self.n_lights[0], self.n_lights[1] + 1))):
             azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(30), math.radians(85))
@@ -380,9 +396,10 @@ class TabletopScene(SceneSampler):
                                 energy=float(rng.uniform(*self.light_energy)), color=self._light_color(rng),
                                 size=float(rng.uniform(0.2, 1.0))))
 
-        poses = [self._camera_pose(rng, centres, width, height) for _ in range(self.views)]
+        fov = self._draw_fov(rng)
+        poses = [self._camera_pose(rng, centres, width, height, fov) for _ in range(self.views)]
         return SceneSpec(family=self.family, seed=seed, objects=objects, lights=lights, world=self._world(rng),
-                         camera=Camera(fov_deg=float(self.fov_deg), poses=poses), categories=self.categories,
+                         camera=Camera(fov_deg=fov, poses=poses), categories=self.categories,
                          physics=self.physics, physics_max_time=float(self.physics_max_time))
 
     def _free_spot(self, rng, radius: float, placed) -> np.ndarray:
@@ -398,7 +415,7 @@ class TabletopScene(SceneSampler):
                 best, best_clearance = xy, clearance
         return best  # crowded: physics (or a slight overlap) resolves it
 
-    def _camera_pose(self, rng, centres: np.ndarray, width: int, height: int) -> list[list[float]]:
+    def _camera_pose(self, rng, centres: np.ndarray, width: int, height: int, fov: float) -> list[list[float]]:
         target_base = centres.mean(axis=0)
         for _ in range(self.max_tries):
             target = target_base + rng.normal(0.0, self.target_jitter, size=3) * [1, 1, 0.3]
@@ -408,7 +425,7 @@ class TabletopScene(SceneSampler):
             eye = target + distance * np.array([math.cos(elevation) * math.cos(azimuth),
                                                 math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
             pose = look_at(eye, target, self._roll(rng))
-            if in_view(pose, centres, self.fov_deg, width, height, self.view_margin).all():
+            if in_view(pose, centres, fov, width, height, self.view_margin).all():
                 return pose.tolist()
         raise SceneSamplingError(
             f"no camera pose keeps all objects in view after scene.max_tries={self.max_tries} tries: "
@@ -445,7 +462,7 @@ class RoomScene(SceneSampler):
     light_energy: list[float] = field(default_factory=lambda: [80.0, 300.0])
     n_lights: list[int] = field(default_factory=lambda: [1, 2])
 
-    family = "room"
+    family = "primitives_room"
     _wall = 0.1
 
     def __post_init__(self) -> None:
@@ -479,11 +496,26 @@ class RoomScene(SceneSampler):
         objects = [
             ObjectSpec(name=name, shape=Shape(source="primitive", name="cube"), category_id=BACKGROUND_CATEGORY,
                        location=loc, rotation=(0.0, 0.0, 0.0), size=dims,
-                       material=self._material(rng, textured_prob=0.9))
+                       material=self._shell_material(rng, name))
             for name, (loc, dims) in shell.items()
         ]
 
-        # Furniture: axis-aligned boxes with non-overlapping footprints, often against a wall.
+        footprints, furniture = self._furniture(rng, size_x, size_y, room_h)
+        objects += furniture + self._wall_decor(rng, size_x, size_y, room_h)
+
+        clutter = self._clutter(rng, furniture, size_x, size_y)
+        objects += clutter
+        return self._finish_room(rng, objects, furniture, clutter, footprints, size_x, size_y, room_h,
+                                 width=width, height=height, seed=seed)
+
+    def _shell_material(self, rng, name: str) -> Material:
+        return self._material(rng, textured_prob=0.9)
+
+    def _wall_decor(self, rng, size_x, size_y, room_h) -> list[ObjectSpec]:
+        return []
+
+    def _furniture(self, rng, size_x, size_y, room_h) -> tuple[list, list[ObjectSpec]]:
+        """Axis-aligned boxes with non-overlapping footprints, often against a wall; (footprints, objects)."""
         footprints: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1
         furniture: list[ObjectSpec] = []
         for i in range(int(rng.integers(self.n_furniture[0], self.n_furniture[1] + 1))):
@@ -510,19 +542,23 @@ class RoomScene(SceneSampler):
                         rotation=(0.0, 0.0, 0.0), size=(float(w), float(d), float(h)),
                         material=self._material(rng)))
                     break
-        objects += furniture
+        return footprints, furniture
 
+    def _support_top(self, furniture: ObjectSpec) -> float | None:
+        """Height of a furniture piece's top surface, or None when nothing can stand on it."""
+        return furniture.size[2]
+
+    def _clutter(self, rng, furniture: list[ObjectSpec], size_x, size_y) -> list[ObjectSpec]:
         clutter: list[ObjectSpec] = []
         for i in range(int(rng.integers(self.n_objects[0], self.n_objects[1] + 1))):
-            shape, category = self._shape(rng)
-            size = self._size(rng)
-            radius = max(size) / 2
-            tops = [f for f in furniture if min(f.size[:2]) > 2 * radius]
+            shape, category, size = self._draw_object(rng)
+            radius = _footprint_radius(shape, size)
+            tops = [f for f in furniture if self._support_top(f) is not None and min(f.size[:2]) > 2 * radius]
             if tops and rng.uniform() < 0.7:
                 top = tops[int(rng.integers(len(tops)))]
                 x = top.location[0] + rng.uniform(-1, 1) * (top.size[0] / 2 - radius)
                 y = top.location[1] + rng.uniform(-1, 1) * (top.size[1] / 2 - radius)
-                support = top.size[2]
+                support = self._support_top(top)
             else:
                 x = rng.uniform(-size_x / 2 + radius, size_x / 2 - radius)
                 y = rng.uniform(-size_y / 2 + radius, size_y / 2 - radius)
@@ -530,9 +566,11 @@ class RoomScene(SceneSampler):
             clutter.append(ObjectSpec(
                 name=f"object_{i:02d}", shape=shape, category_id=category, location=(float(x), float(y), 0.0),
                 rotation=(0.0, 0.0, float(rng.uniform(-math.pi, math.pi))), size=size,
-                material=self._material(rng), support_z=float(support)))
-        objects += clutter
+                material=self._object_material(rng, shape), support_z=float(support)))
+        return clutter
 
+    def _finish_room(self, rng, objects, furniture, clutter, footprints, size_x, size_y, room_h, *, width, height,
+                     seed) -> SceneSpec:
         lights = []
         for _ in range(int(rng.integers(self.n_lights[0], self.n_lights[1] + 1))):
             eye = np.array([rng.uniform(-0.35, 0.35) * size_x, rng.uniform(-0.35, 0.35) * size_y, room_h - 0.05])
@@ -540,14 +578,15 @@ class RoomScene(SceneSampler):
                                 energy=float(rng.uniform(*self.light_energy)), color=self._light_color(rng),
                                 size=float(rng.uniform(0.5, 1.5))))
 
-        looks = [(np.array([o.location[0], o.location[1], (o.support_z or 0.0) + o.size[2] / 2]))
-                 for o in clutter] + [np.array(f.location) for f in furniture]
-        poses = [self._camera_pose(rng, looks, footprints, size_x, size_y, width, height)
+        looks = [(np.array([o.location[0], o.location[1], (o.support_z or 0.0) + _rest_height(o)]))
+                 for o in clutter] + [_centre(f) for f in furniture]
+        fov = self._draw_fov(rng)
+        poses = [self._camera_pose(rng, looks, footprints, size_x, size_y, width, height, fov)
                  for _ in range(self.views)]
         return SceneSpec(family=self.family, seed=seed, objects=objects, lights=lights, world=self._world(rng),
-                         camera=Camera(fov_deg=float(self.fov_deg), poses=poses), categories=self.categories)
+                         camera=Camera(fov_deg=fov, poses=poses), categories=self.categories)
 
-    def _camera_pose(self, rng, looks, footprints, size_x, size_y, width, height) -> list[list[float]]:
+    def _camera_pose(self, rng, looks, footprints, size_x, size_y, width, height, fov) -> list[list[float]]:
         margin = 0.3
         for _ in range(self.max_tries):
             target = looks[int(rng.integers(len(looks)))]
@@ -559,13 +598,30 @@ class RoomScene(SceneSampler):
             if inside_furniture or np.linalg.norm(eye - target) < self.min_view_distance:
                 continue
             pose = look_at(eye, target, self._roll(rng))
-            if in_view(pose, target[None], self.fov_deg, width, height, self.view_margin).all():
+            if in_view(pose, target[None], fov, width, height, self.view_margin).all():
                 return pose.tolist()
         raise SceneSamplingError(
             f"no camera pose inside the room after scene.max_tries={self.max_tries} tries keeps an object in "
             f"view at least scene.min_view_distance={self.min_view_distance} m away; reduce min_view_distance "
             f"or scene.n_furniture, or enlarge scene.room_size"
         )
+
+
+def _centre(obj: ObjectSpec) -> np.ndarray:
+    """Bounding-box centre of a free-standing object (catalogue assets stand on the floor: location z is 0)."""
+    if obj.support_z is not None:
+        return np.array([obj.location[0], obj.location[1], obj.support_z + _rest_height(obj)])
+    return np.array(obj.location, dtype=float)
+
+
+def _footprint_radius(shape: Shape, size) -> float:
+    """Radius of the disk that holds an object's footprint under any yaw."""
+    return math.hypot(size[0], size[1]) / 2 if shape.fit == "box" else max(size) / 2
+
+
+def _rest_height(obj: ObjectSpec) -> float:
+    """Height of an upright object's bounding-box centre above its support."""
+    return obj.size[2] / 2 if obj.shape.fit == "box" else max(obj.size) / 2
 
 
 def _disjoint(a, b, gap: float) -> bool:
@@ -575,3 +631,309 @@ def _disjoint(a, b, gap: float) -> bool:
 def scene_seed(seed: int, scene_index: int) -> int:
     """Seed of one scene, independent of how scenes are split into shards or processes."""
     return int(np.random.SeedSequence(entropy=seed, spawn_key=(scene_index,)).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------- realistic families
+
+
+#: Largest side of a catalogue asset drawn as table-top clutter, metres.
+MAX_CLUTTER_SIZE = 0.4
+
+
+@dataclass(kw_only=True)
+class RealisticOptions:
+    """Asset and domain-randomisation knobs shared by the realistic families (defaults in brackets).
+
+    Args:
+        asset_sources: Catalogue sources drawn from (see :mod:`synth.assets`); a missing one is a one-line error
+            naming the package to install.
+        asset_dir: Optional user folder of meshes (``<category>/<file>``) and ``textures/*.png|jpg``.
+        strict_assets: Refuse a user folder with a file that does not load (default: skip, name and count it).
+        cache_dir: Catalogue cache (default ``$SYNTH2REAL_CACHE`` or ``~/.cache/synth2real``).
+        fov_range_deg: Field of view drawn per scene, degrees ([45, 65]).
+        texture_swap_prob: Probability that an asset's own material is replaced by a photographic texture
+            (material randomisation, [0.15]).
+        hdri_strength: Range of the HDR environment map's strength ([0.6, 1.6]).
+        hdri_rotation_deg: Range of its rotation about the vertical axis ([0, 360]).
+        light_tint: Largest saturation of a light's colour (0 = white, [0.3]).
+    """
+
+    asset_sources: list[str] = field(default_factory=list)
+    asset_dir: str | None = None
+    strict_assets: bool = False
+    cache_dir: str | None = None
+    fov_range_deg: list[float] = field(default_factory=lambda: [45.0, 65.0])
+    texture_swap_prob: float = 0.15
+    hdri_strength: list[float] = field(default_factory=lambda: [0.6, 1.6])
+    hdri_rotation_deg: list[float] = field(default_factory=lambda: [0.0, 360.0])
+    light_tint: float = 0.3
+
+    _draws_assets = True
+
+    def _init_assets(self, pools: dict[str, tuple[str, ...]], required: tuple[str, ...]) -> None:
+        from synth.assets import ALL_SOURCES, ASSET_CLASSES, AssetError, load_catalogue
+
+        if not isinstance(self.asset_sources, list | tuple) or not all(isinstance(s, str) for s in self.asset_sources):
+            raise SceneConfigError(f"scene.asset_sources: expected a list of source names, got {self.asset_sources!r}")
+        unknown = sorted(set(self.asset_sources) - set(ALL_SOURCES))
+        if unknown:
+            raise SceneConfigError(f"scene.asset_sources: unknown source(s) {unknown}; choose from {list(ALL_SOURCES)}")
+        self.fov_range_deg = _check_range("fov_range_deg", self.fov_range_deg, low=1.0, high=170.0)
+        _check_scalar("texture_swap_prob", self.texture_swap_prob, low=0.0, high=1.0)
+        self.hdri_strength = _check_range("hdri_strength", self.hdri_strength, low=0.0)
+        self.hdri_rotation_deg = _check_range("hdri_rotation_deg", self.hdri_rotation_deg, low=-360.0, high=720.0)
+        _check_scalar("light_tint", self.light_tint, low=0.0, high=1.0)
+        try:
+            catalogue = load_catalogue(self.asset_sources, cache_dir=self.cache_dir, user_dir=self.asset_dir,
+                                       strict=self.strict_assets)
+            for source in required:
+                if source in self.asset_sources:
+                    catalogue.require(source)
+        except AssetError as error:
+            raise SceneConfigError(f"scene.asset_sources: {error}") from None
+        self._catalogue = catalogue
+        self._pools = {}
+        for name, classes in pools.items():
+            pool = catalogue.meshes(classes)
+            if name == "objects":  # table-top sized: a laundry basket or a crate is not clutter
+                pool = [a for a in pool if max(a.size) <= MAX_CLUTTER_SIZE]
+            pool += [a for a in catalogue.assets if a.source == "user" and not a.transparent and name == "objects"
+                     and a.category not in classes]
+            if not pool:
+                raise SceneConfigError(f"scene.asset_sources: no {name} ({', '.join(classes)}) in the sources "
+                                       f"{list(self.asset_sources)}; install {catalogue.missing or 'more sources'}")
+            self._pools[name] = pool
+        self._textures = catalogue.images_of("texture")
+        self._hdris = catalogue.images_of("hdri")
+        self._photos = catalogue.images_of("photo")
+        extra = sorted({a.category for a in catalogue.assets if a.category not in ASSET_CLASSES})
+        self._category_ids = {name: i for i, name in enumerate(("background", *ASSET_CLASSES, *extra))}
+
+    @property
+    def categories(self) -> dict[int, str]:
+        return {i: name for name, i in self._category_ids.items()}
+
+    def _draw_fov(self, rng) -> float:
+        return float(rng.uniform(*self.fov_range_deg))
+
+    def _asset_object(self, rng, pool: str, scale: tuple[float, float] = (0.9, 1.1)):
+        asset = self._pools[pool][int(rng.integers(len(self._pools[pool])))]
+        factor = rng.uniform(*scale)
+        size = tuple(float(v * factor) for v in asset.size)
+        shape = Shape(source="asset", name=self._catalogue.local_file(asset), up_axis=asset.up_axis, fit="box")
+        return asset, shape, self._category_ids[asset.category], size
+
+    def _photo_material(self, rng, roles: tuple[str, ...] | None = None, tile: tuple[float, float] = (0.5, 1.5),
+                        roughness: tuple[float, float] = (0.3, 0.9)) -> Material:
+        """A Principled material whose base colour is a photographic texture (``roles`` preferred)."""
+        pool = [t for t in self._textures if roles is None or t.role in roles] or self._textures
+        if not pool:
+            return self._material(rng)
+        image = pool[int(rng.integers(len(pool)))]
+        tint = self._color(rng, saturation=(0.0, 0.15), value=(0.85, 1.0))
+        return Material(base_color=tint, roughness=float(rng.uniform(*roughness)), metallic=0.0,
+                        image=image.file, image_scale=float(rng.uniform(*tile)))
+
+    def _object_material(self, rng, shape: Shape) -> Material | None:
+        if shape.source != "asset":
+            return self._material(rng)
+        return self._photo_material(rng, ("wood", "other")) if rng.uniform() < self.texture_swap_prob else None
+
+    def _hdri_world(self, rng) -> World:
+        hdri = self._hdris[int(rng.integers(len(self._hdris)))].file if self._hdris else None
+        return World(color=self._color(rng, saturation=(0.0, 0.3), value=(0.3, 1.0)),
+                     strength=float(rng.uniform(*self.hdri_strength)), hdri=hdri,
+                     rotation=math.radians(rng.uniform(*self.hdri_rotation_deg)))
+
+    def _light_color(self, rng) -> tuple[float, float, float]:
+        tint = self._color(rng, saturation=(0.0, self.light_tint), value=(1.0, 1.0))
+        return tuple(float(c) for c in tint)
+
+
+@dataclass(kw_only=True)
+class ScannedTabletopScene(RealisticOptions, TabletopScene):
+    """Scanned household objects (Google Scanned Objects, Sweet Home 3D kitchenware) on a photo-textured table,
+    lit by an HDR environment map and a few lights; every :class:`TabletopScene` knob applies.
+
+    Objects keep their real sizes (times ``object_scale``) and their own textures (or, with
+    ``texture_swap_prob``, a photographic one); the table top is a photographic wood, floor or tile texture.
+    """
+
+    asset_sources: list[str] = field(default_factory=lambda: ["gso", "sweethome3d", "blender_hdri",
+                                                              "libero_textures"])
+    object_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    n_lights: list[int] = field(default_factory=lambda: [1, 2])
+    light_energy: list[float] = field(default_factory=lambda: [20.0, 150.0])
+    spread: float = 0.3
+    camera_distance: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    shapes: list[str] = field(default_factory=list)
+
+    family = "tabletop"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.object_scale = _check_range("object_scale", self.object_scale, low=0.05, high=10.0)
+        from synth.assets import TABLETOP_CLASSES
+
+        self._init_assets({"objects": TABLETOP_CLASSES}, required=("gso", "blender_hdri"))
+
+    def _draw_object(self, rng):
+        _, shape, category, size = self._asset_object(rng, "objects", tuple(self.object_scale))
+        return shape, category, size
+
+    def _support_material(self, rng) -> Material:
+        return self._photo_material(rng, ("wood", "floor"), tile=(0.4, 1.2))
+
+    def _world(self, rng) -> World:
+        return self._hdri_world(rng)
+
+
+@dataclass(kw_only=True)
+class FurnishedRoomScene(RealisticOptions, RoomScene):
+    """A room furnished with Sweet Home 3D models (chairs, tables, sofas, beds, cabinets, lamps, plants) standing on
+    the floor without interpenetration, most against a wall facing into the room, kitchenware and scanned objects on
+    tables and cabinets, photographs framed on the walls, photographic floor, wall and ceiling materials, ceiling
+    area lights; several views per room from eye height.
+
+    Args:
+        wall_furniture_prob: Probability that a piece stands against a wall (facing into the room).
+        n_pictures: Range of framed photographs on the walls (category ``picture``).
+    """
+
+    asset_sources: list[str] = field(default_factory=lambda: ["sweethome3d", "gso", "libero_textures",
+                                                              "wallpapers"])
+    n_furniture: list[int] = field(default_factory=lambda: [3, 6])
+    n_objects: list[int] = field(default_factory=lambda: [2, 5])
+    wall_furniture_prob: float = 0.7
+    n_pictures: list[int] = field(default_factory=lambda: [0, 2])
+    camera_height: list[float] = field(default_factory=lambda: [1.2, 1.7])
+    light_energy: list[float] = field(default_factory=lambda: [40.0, 160.0])
+    room_size: list[float] = field(default_factory=lambda: [3.5, 5.5])
+    shapes: list[str] = field(default_factory=list)
+
+    family = "room"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_scalar("wall_furniture_prob", self.wall_furniture_prob, low=0.0, high=1.0)
+        self.n_pictures = _check_range("n_pictures", self.n_pictures, low=0, high=8, integer=True)
+        from synth.assets import FURNITURE_CLASSES, TABLETOP_CLASSES
+
+        self._init_assets({"furniture": FURNITURE_CLASSES, "objects": TABLETOP_CLASSES},
+                          required=("sweethome3d",))
+
+    def _draw_object(self, rng):
+        _, shape, category, size = self._asset_object(rng, "objects")
+        return shape, category, size
+
+    def _shell_material(self, rng, name: str) -> Material:
+        if name == "floor":
+            return self._photo_material(rng, ("floor", "wood"), tile=(0.6, 2.0))
+        if name == "ceiling":
+            return Material(base_color=self._color(rng, saturation=(0.0, 0.05), value=(0.85, 1.0)),
+                            roughness=0.9, metallic=0.0)
+        # Walls: one texture for the room (drawn once, on the first wall), for coherence.
+        if name == "wall_x0" or not hasattr(self, "_wall_cache"):
+            self._wall_cache = self._photo_material(rng, ("wall",), tile=(0.8, 2.5))
+        return self._wall_cache
+
+    def _world(self, rng) -> World:
+        # The room is closed: an environment map would light nothing, so the world is a dim uniform colour.
+        return World(color=(1.0, 1.0, 1.0), strength=float(rng.uniform(0.05, 0.2)))
+
+    def _support_top(self, furniture: ObjectSpec) -> float | None:
+        top = self._tops.get(furniture.name)
+        return None if top is None else furniture.size[2] * top
+
+    def _furniture(self, rng, size_x, size_y, room_h):
+        footprints: list[tuple[float, float, float, float]] = []
+        furniture: list[ObjectSpec] = []
+        self._tops: dict[str, float] = {}
+        clearance, gap = 0.03, 0.15  # off the wall; between pieces
+        for i in range(int(rng.integers(self.n_furniture[0], self.n_furniture[1] + 1))):
+            for _ in range(self.max_tries):
+                asset, shape, category, size = self._asset_object(rng, "furniture")
+                w, d, h = size
+                if h > room_h - 0.05 or max(w, d) > min(size_x, size_y) - 0.6:
+                    continue
+                if rng.uniform() < self.wall_furniture_prob:
+                    side = int(rng.integers(4))  # 0: wall x0 (-x), 1: x1 (+x), 2: y0 (-y), 3: y1 (+y)
+                    # The model's front faces -y after import: turn it to face into the room.
+                    yaw = (-math.pi / 2, math.pi / 2, math.pi, 0.0)[side]
+                    fw, fd = (d, w) if side < 2 else (w, d)
+                    if side < 2:
+                        x = (-1) ** (side + 1) * (size_x / 2 - fw / 2 - clearance)
+                        y = rng.uniform(-size_y / 2 + fd / 2, size_y / 2 - fd / 2)
+                    else:
+                        x = rng.uniform(-size_x / 2 + fw / 2, size_x / 2 - fw / 2)
+                        y = (-1) ** (side + 1) * (size_y / 2 - fd / 2 - clearance)
+                else:
+                    yaw = float(rng.integers(4)) * math.pi / 2
+                    fw, fd = (d, w) if round(yaw / (math.pi / 2)) % 2 else (w, d)
+                    x = rng.uniform(-size_x / 2 + fw / 2 + 0.3, size_x / 2 - fw / 2 - 0.3)
+                    y = rng.uniform(-size_y / 2 + fd / 2 + 0.3, size_y / 2 - fd / 2 - 0.3)
+                box = (x - fw / 2, y - fd / 2, x + fw / 2, y + fd / 2)
+                if all(_disjoint(box, other, gap=gap) for other in footprints):
+                    footprints.append(box)
+                    name = f"furniture_{i:02d}"
+                    furniture.append(ObjectSpec(
+                        name=name, shape=shape, category_id=category, location=(float(x), float(y), 0.0),
+                        rotation=(0.0, 0.0, float(yaw)), size=size, material=self._object_material(rng, shape),
+                        support_z=0.0))
+                    if asset.category in ("table", "cabinet"):
+                        self._tops[name] = asset.top or 1.0
+                    break
+        return footprints, furniture
+
+    def _clutter(self, rng, furniture, size_x, size_y) -> list[ObjectSpec]:
+        # Only on top of tables and cabinets (the floor of a room is not where kitchenware lives).
+        clutter: list[ObjectSpec] = []
+        tops = [f for f in furniture if f.name in self._tops]
+        for i in range(int(rng.integers(self.n_objects[0], self.n_objects[1] + 1)) if tops else 0):
+            shape, category, size = self._draw_object(rng)
+            radius = _footprint_radius(shape, size)
+            top = tops[int(rng.integers(len(tops)))]
+            half = np.abs(np.array(_yawed(top.size, top.rotation[2]))[:2]) / 2 - radius
+            if (half <= 0).any():
+                continue
+            x = top.location[0] + rng.uniform(-1, 1) * half[0]
+            y = top.location[1] + rng.uniform(-1, 1) * half[1]
+            if any(np.hypot(x - o.location[0], y - o.location[1]) < radius + _footprint_radius(o.shape, o.size)
+                   for o in clutter):
+                continue
+            clutter.append(ObjectSpec(
+                name=f"object_{i:02d}", shape=shape, category_id=category, location=(float(x), float(y), 0.0),
+                rotation=(0.0, 0.0, float(rng.uniform(-math.pi, math.pi))), size=size,
+                material=self._object_material(rng, shape), support_z=float(self._support_top(top))))
+        return clutter
+
+    def _wall_decor(self, rng, size_x, size_y, room_h) -> list[ObjectSpec]:
+        pictures = []
+        if not self._photos:
+            return pictures
+        for i in range(int(rng.integers(self.n_pictures[0], self.n_pictures[1] + 1))):
+            photo = self._photos[int(rng.integers(len(self._photos)))]
+            width = float(rng.uniform(0.5, 1.1))
+            height = width / max(photo.aspect, 0.3)
+            side = int(rng.integers(4))
+            wall_len = size_y if side < 2 else size_x
+            along = rng.uniform(-wall_len / 2 + width / 2 + 0.1, wall_len / 2 - width / 2 - 0.1)
+            z = float(min(rng.uniform(1.3, 1.7), room_h - height / 2 - 0.1))
+            t = 0.015
+            if side < 2:
+                loc, dims = ((-1) ** (side + 1) * (size_x / 2 - t / 2), along, z), (t, width, height)
+            else:
+                loc, dims = (along, (-1) ** (side + 1) * (size_y / 2 - t / 2), z), (width, t, height)
+            pictures.append(ObjectSpec(
+                name=f"picture_{i:02d}", shape=Shape(source="primitive", name="cube"),
+                category_id=self._category_ids["picture"], location=tuple(float(v) for v in loc), rotation=(0, 0, 0),
+                size=tuple(float(v) for v in dims),
+                material=Material(base_color=(1.0, 1.0, 1.0), roughness=0.4, metallic=0.0, image=photo.file,
+                                  image_scale=0.0)))
+        return pictures
+
+
+def _yawed(size, yaw: float) -> tuple[float, float, float]:
+    """Axis-aligned footprint size of a box turned by a multiple of 90 degrees about z."""
+    quarter = round(yaw / (math.pi / 2)) % 2
+    return (size[1], size[0], size[2]) if quarter else tuple(size)

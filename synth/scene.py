@@ -67,12 +67,21 @@ class Texture:
 
 @dataclass
 class Material:
-    """A Principled BSDF material."""
+    """A Principled BSDF material.
+
+    Args:
+        image: A photograph (path) used as the base colour instead of ``base_color``/``texture``, box-projected in
+            object space.
+        image_scale: Side of one image tile in metres (0: one copy stretched over each face, as for a framed
+            photograph).
+    """
 
     base_color: tuple[float, float, float]
     roughness: float
     metallic: float
     texture: Texture | None = None
+    image: str | None = None
+    image_scale: float = 1.0
 
 
 @dataclass
@@ -81,14 +90,21 @@ class Shape:
 
     Args:
         source: ``"primitive"`` (Blender primitive), ``"procedural"`` (open3d generator, see
-            :mod:`synth.meshes`) or ``"file"`` (a user mesh loaded through BlenderProc's loaders).
+            :mod:`synth.meshes`), ``"file"`` (a user mesh loaded through BlenderProc's loaders) or ``"asset"`` (a
+            catalogue mesh, :mod:`synth.assets`, which keeps its own textured materials).
         name: Primitive or procedural shape name, or the mesh file's absolute path.
         deform: Deformation of a procedural mesh.
+        up_axis: Up axis of a mesh file: ``"Y"`` (Y-up OBJ, e.g. Sweet Home 3D) or ``"Z"`` (Z-up, e.g. GSO).
+        fit: ``"unit"``: the largest side of the mesh is scaled to 1, then ``ObjectSpec.size`` scales each axis;
+            ``"box"``: the bounding box is scaled to exactly ``ObjectSpec.size`` (metres), as for catalogue assets
+            whose real size is known.
     """
 
     source: str
     name: str
     deform: MeshDeform | None = None
+    up_axis: str = "Z"
+    fit: str = "unit"
 
 
 @dataclass
@@ -103,7 +119,7 @@ class ObjectSpec:
             gap between the rotated object's lowest point and the support (0 = resting on it).
         rotation: XYZ Euler angles in radians.
         size: Per-axis size in metres of the normalised (unit bounding box) mesh.
-        material: Surface material.
+        material: Surface material; ``None`` keeps a catalogue asset's own (textured) materials.
         support_z: Height of the surface the object stands on, or ``None`` for free placement.
         physics: ``"active"`` (falls and settles), ``"passive"`` (collider) or ``"none"``.
     """
@@ -114,7 +130,7 @@ class ObjectSpec:
     location: tuple[float, float, float]
     rotation: tuple[float, float, float]
     size: tuple[float, float, float]
-    material: Material
+    material: Material | None
     support_z: float | None = None
     physics: str = "none"
 
@@ -133,10 +149,19 @@ class Light:
 
 @dataclass
 class World:
-    """Uniform world background colour and strength (also the ambient light)."""
+    """World background: a uniform colour, or an HDR environment map, and its strength (also the ambient light).
+
+    Args:
+        color: Background colour (used when ``hdri`` is None).
+        strength: Background strength.
+        hdri: Path of an equirectangular HDR map (``.exr``/``.hdr``) lighting the scene, or None.
+        rotation: Rotation of the map about the world z axis, radians.
+    """
 
     color: tuple[float, float, float]
     strength: float
+    hdri: str | None = None
+    rotation: float = 0.0
 
 
 @dataclass
@@ -178,20 +203,20 @@ class SceneSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SceneSpec":
-        def material(d: dict) -> Material:
+        def material(d: dict | None) -> Material | None:
+            if d is None:
+                return None
             texture = d.get("texture")
-            return Material(
-                base_color=tuple(d["base_color"]),
-                roughness=d["roughness"],
-                metallic=d["metallic"],
-                texture=None if texture is None else Texture(**{**texture, "color": tuple(texture["color"])}),
-            )
+            return Material(**{
+                **d, "base_color": tuple(d["base_color"]),
+                "texture": None if texture is None else Texture(**{**texture, "color": tuple(texture["color"])}),
+            })
 
         def shape(d: dict) -> Shape:
             deform = d.get("deform")
             if deform is not None:
                 deform = MeshDeform(**{k: tuple(v) if isinstance(v, list) else v for k, v in deform.items()})
-            return Shape(source=d["source"], name=d["name"], deform=deform)
+            return Shape(**{**d, "deform": deform})
 
         objects = [
             ObjectSpec(
@@ -216,7 +241,7 @@ class SceneSpec:
             seed=data["seed"],
             objects=objects,
             lights=lights,
-            world=World(color=tuple(data["world"]["color"]), strength=data["world"]["strength"]),
+            world=World(**{**data["world"], "color": tuple(data["world"]["color"])}),
             camera=Camera(fov_deg=data["camera"]["fov_deg"], poses=data["camera"]["poses"]),
             # JSON turns int keys into strings.
             categories={int(k): v for k, v in data["categories"].items()},

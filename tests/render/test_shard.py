@@ -50,5 +50,5 @@ def test_manifest_refuses_to_mix_datasets(tmp_path):
     with pytest.raises(DatasetMismatchError, match="render"):
         claim_manifest(tmp_path, dataset_manifest(sampler, RenderSettings(width=32), seed=0, scenes_per_shard=10))
     manifest = json.loads((tmp_path / "dataset.json").read_text())
-    assert manifest["scene"]["family"] == "tabletop"
+    assert manifest["scene"]["family"] == "primitives_tabletop"
     assert "OpenCV camera frame" in manifest["conventions"]["normals"]

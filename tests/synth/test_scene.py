@@ -22,7 +22,7 @@ def test_json_round_trip_is_exact(tmp_path):
 def test_json_is_plain_and_stable():
     spec = TabletopScene().sample(np.random.default_rng(0), width=64, height=64, seed=0)
     data = json.loads(spec.to_json())
-    assert data["family"] == "tabletop"
+    assert data["family"] == "primitives_tabletop"
     assert data["categories"]["0"] == "background"
     assert spec.to_json() == SceneSpec.from_json(spec.to_json()).to_json()
 
