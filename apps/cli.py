@@ -6,11 +6,12 @@ first, so a bad key or value is one line with exit status 2, before anything is 
 """
 
 import importlib
+import os
 import sys
 
-from apps.launch import UsageError
+from apps.launch import RunFailed, UsageError, one_line, verbose
 
-USAGE = """usage: synth COMMAND [key=value ...] [hydra flags]
+USAGE = """usage: synth [--verbose] COMMAND [key=value ...] [hydra flags]
 
 commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
@@ -34,6 +35,9 @@ COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfer": "a
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--verbose":  # tracebacks for run-time failures
+        os.environ["SYNTH_VERBOSE"] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -48,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"synth {command}: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed:  # each failure was printed as one line where it happened
+        return 1
+    except Exception as error:  # a run-time failure outside Hydra's jobs (e.g. a demo or experiment stage)
+        if verbose():
+            raise
+        print(f"synth {command}: error: {one_line(error)} (synth --verbose {command} ... shows the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,9 +2,12 @@
 
 Each subcommand composes its config first and instantiates every part, so a wrong key, a wrong type, an
 unreadable mesh folder or an impossible camera constraint is reported in one line, naming the key or file,
-before anything is written. Then Hydra runs the job(s) with the configured launcher.
+before anything is written (exit status 2). Then Hydra runs the job(s) with the configured launcher; a job that
+fails at run time (a locked shard, a full disk, a diverged loss) is reported in one line too (exit status 1),
+with the traceback only under ``synth --verbose`` (or ``SYNTH_VERBOSE=1``, or Hydra's ``HYDRA_FULL_ERROR=1``).
 """
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -28,6 +31,26 @@ class UsageError(Exception):
     """A bad command line or config; printed as one line, exit status 2."""
 
 
+class RunFailed(Exception):
+    """A job failed at run time; each failure was printed as one line (``failures``). Exit status 1."""
+
+    def __init__(self, message: str, failures: list[str] | None = None):
+        super().__init__(message)
+        self.failures = failures if failures is not None else [message]
+
+
+def verbose() -> bool:
+    """Whether errors should keep their tracebacks (``synth --verbose``, ``SYNTH_VERBOSE=1``,
+    ``HYDRA_FULL_ERROR=1``)."""
+    return any(os.environ.get(name, "") not in ("", "0") for name in ("SYNTH_VERBOSE", "HYDRA_FULL_ERROR"))
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` on one line (the first line of a long message), for run-time failures."""
+    text = " ".join(str(error).split()) or repr(error)
+    return text if type(error).__module__ == "builtins" else f"{type(error).__name__}: {text}"
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose a config as the app would see it (``hydra:`` interpolations included)."""
     with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=config_name):
@@ -36,15 +59,44 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def run_hydra(config_name: str, task: Callable[[DictConfig], object], args: list[str]) -> None:
-    """Run ``task`` as the Hydra app ``config_name`` with command-line ``args``."""
-    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
+def run_hydra(config_name: str, task: Callable[[DictConfig], object], args: list[str]) -> list:
+    """Run ``task`` as the Hydra app ``config_name`` with command-line ``args``.
+
+    A job that raises is reported as one line on stderr (``synth <app>: error: ...``) instead of Hydra's
+    traceback, unless :func:`verbose`; the other jobs of a multirun go on.
+
+    Returns:
+        The return values of the jobs that ran in this process, in order.
+
+    Raises:
+        RunFailed: a job run in this process failed (it was printed already).
+    """
+    name = config_name.removeprefix("synth_")
+    results, failures = [], []
+
+    def guarded(cfg: DictConfig):
+        try:
+            value = task(cfg)
+        except Exception as error:
+            if verbose():
+                raise
+            line = one_line(error)
+            print(f"synth {name}: error: {line}", file=sys.stderr, flush=True)
+            failures.append(line)
+            return None
+        results.append(value)
+        return value
+
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(guarded)
     argv = sys.argv
     sys.argv = [f"synth {config_name.removeprefix('synth_')}", *args]
     try:
         app()
     finally:
         sys.argv = argv
+    if failures:
+        raise RunFailed("; ".join(failures), failures)
+    return results
 
 
 def _explain(error: BaseException) -> str:

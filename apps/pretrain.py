@@ -22,7 +22,8 @@ from pretext.generative import Colorization, Inpainting
 from pretext.predictive import Jigsaw, RelativePatchPosition, RotationPrediction
 from pretext.synthetic import ContourHead, DepthHead, NormalHead
 from synth.backbone import Backbone
-from synth.config import register
+from synth.checkpoint import read_checkpoint
+from synth.config import differences, register
 from synth.data import FrameAugment, RenderedFrames, StreamingFrames
 from synth.engine import Engine, TrainerSettings
 from synth.frames import list_frames
@@ -210,9 +211,34 @@ def plain_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
+#: Config keys a resumed run may change: they decide what is logged, drawn and measured, or where and how fast it
+#: runs, not what is trained.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "out_dir", "monitor.", "data.verify", "trainer.log_every", "trainer.image_every", "trainer.eval_every",
+    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.num_workers", "trainer.compile", "trainer.device",
+)
+
+
+def check_resume(cfg: DictConfig, engine: Engine) -> None:
+    """Refuse to resume a run folder whose checkpoint was made with another config, naming the keys that differ.
+
+    Raises:
+        synth.checkpoint.CheckpointError: ``last.pt`` is damaged (one line naming it and what to do).
+        ValueError: the configs differ on keys outside :data:`RESUMABLE_CHANGES`.
+    """
+    if not engine.checkpoint_path.exists():
+        return
+    saved = read_checkpoint(engine.checkpoint_path, weights_only=False, mmap=True)
+    changed = differences(saved.get("config") or {}, engine.config, ignore=RESUMABLE_CHANGES)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ValueError(f"{cfg.out_dir} holds a run (step {saved.get('step')}) made with another config ({shown}): "
+                         f"use another out_dir, or delete {cfg.out_dir} to start over")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Instantiate every part (and find the data) before anything is written."""
-    build_engine(cfg)
+    """Instantiate every part (and find the data) before anything is written; check a run folder to resume."""
+    check_resume(cfg, build_engine(cfg))
 
 
 def pretrain_job(cfg: DictConfig) -> dict:

@@ -7,6 +7,7 @@ launcher (joblib locally; ``hydra/launcher=submitit_slurm`` or ``ray`` on a clus
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
-from apps.launch import checked, run_hydra
-from render.shard import n_shards, render_shard
+from apps.launch import RunFailed, checked, run_hydra
+from render.shard import LOCKED, n_shards, render_shard, shard_scenes
 from render.worker import RenderSettings
 from synth.config import register
 from synth.frames import read_index
@@ -139,10 +140,50 @@ def check_config(cfg: DictConfig) -> None:
                          f"({math.ceil(cfg.n_frames / sampler.views)} scenes)")
 
 
+def missing_frames(cfg: DictConfig) -> dict[int, int]:
+    """Shard -> frames still missing from the dataset folder (only shards with some missing)."""
+    missing = {}
+    shards = [cfg.shard] if cfg.shard is not None else range(shard_count(cfg))
+    for k in shards:
+        expected = sum(len(frames) for frames in shard_scenes(k, n_frames=cfg.n_frames, views=cfg.scene.views,
+                                                              scenes_per_shard=cfg.scenes_per_shard).values())
+        have = len(read_index(Path(cfg.out_dir) / f"shard_{k:05d}"))
+        if have < expected:
+            missing[k] = expected - have
+    return missing
+
+
 def command(args: list[str]) -> None:
-    """``synth render``: one Hydra job per shard (a multirun over ``shard``), or the one shard asked for."""
+    """``synth render``: one Hydra job per shard (a multirun over ``shard``), or the one shard asked for.
+
+    Exits 0 only when the dataset (or the shard asked for) is complete on disk, whoever rendered it: a shard locked
+    by another render is reported, and counts as done once that render has finished it.
+
+    Raises:
+        RunFailed: frames are still missing (one line naming the shards).
+    """
     cfg = checked("synth_render", args, check_config)
-    if cfg is None or cfg.shard is not None:
+    if cfg is None:
         run_hydra("synth_render", render_job, args)
-    else:
-        run_hydra("synth_render", render_job, ["--multirun", *args, f"shard=range(0,{shard_count(cfg)})"])
+        return
+    failed = None
+    try:
+        if cfg.shard is not None:
+            done = run_hydra("synth_render", render_job, args)
+        else:
+            done = run_hydra("synth_render", render_job,
+                             ["--multirun", *args, f"shard=range(0,{shard_count(cfg)})"])
+    except RunFailed as error:
+        failed, done = error, []
+    mine = sorted(r["shard"] for r in done if r)
+    missing = missing_frames(cfg)
+    if missing:
+        where = ", ".join(f"shard {k} ({n} frames)" for k, n in sorted(missing.items()))
+        print(f"synth render: error: {cfg.out_dir} is incomplete: {where} missing; rerun the same command to "
+              f"resume", file=sys.stderr)
+        raise RunFailed(f"incomplete dataset {cfg.out_dir}")
+    if failed is not None:
+        if not all(LOCKED in line for line in failed.failures):
+            raise failed  # e.g. a label check that failed on frames that are all there
+        # Every frame is there: the shards that were locked were finished by the other render meanwhile.
+        print(f"{cfg.out_dir} is complete; this run rendered shard(s) {mine or 'none'}, another process the rest")

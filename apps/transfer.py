@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adapt.transfer import TASK_DATA, TASKS, check_budget, format_table, run_transfer, write_results
 from apps.launch import checked, run_hydra
-from synth.checkpoint import resolve_checkpoint
+from synth.checkpoint import read_checkpoint
 
 
 @dataclass
@@ -96,8 +96,8 @@ def check_config(cfg: DictConfig) -> None:
                 _check_target_keys(split_node, f"data.{group}.{split}")
     for label, path in _checkpoints(cfg).items():
         if str(path) != "random":
-            try:
-                resolve_checkpoint(path)
+            try:  # mapped, not read: a damaged or foreign file is named here, before any work
+                read_checkpoint(path, weights_only=False, mmap=True)
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"checkpoints.{label}: {error}") from error
 

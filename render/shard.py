@@ -39,8 +39,13 @@ from tqdm.auto import tqdm
 
 from render import labels
 from render.worker import PROGRESS_PREFIX, RenderSettings
+from synth.config import differences
 from synth.frames import read_frame, read_index, sha256
+from synth.io import atomic_write_json, atomic_write_text
 from synth.sampling import SceneSampler, scene_seed
+
+#: How a shard locked by another render is reported (the app tells it apart from real failures).
+LOCKED = "is being rendered by another process"
 
 
 class RenderError(RuntimeError):
@@ -66,18 +71,10 @@ def shard_scenes(shard: int, *, n_frames: int, views: int, scenes_per_shard: int
     return {s: [f for f in range(s * views, (s + 1) * views) if f < n_frames] for s in range(first, last)}
 
 
-def _write_json(path: Path, data, **kwargs) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, **kwargs))
-    os.replace(tmp, path)
-
-
 def write_index(shard_dir: Path, records: dict[int, dict]) -> None:
     """Rewrite the index atomically (a kill never leaves a torn line)."""
-    lines = "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records))
-    tmp = shard_dir / f"index.jsonl.tmp-{os.getpid()}"
-    tmp.write_text(lines)
-    os.replace(tmp, shard_dir / "index.jsonl")
+    atomic_write_text(shard_dir / "index.jsonl",
+                      "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
 
 
 def dataset_manifest(sampler: SceneSampler, settings: RenderSettings, *, seed: int, scenes_per_shard: int) -> dict:
@@ -104,14 +101,15 @@ def claim_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / "dataset.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        different = sorted(k for k in manifest if existing.get(k) != manifest[k])
+        different = differences({k: existing.get(k) for k in manifest}, manifest)
         if different:
+            shown = "; ".join(different[:4]) + (f"; and {len(different) - 4} more" if len(different) > 4 else "")
             raise DatasetMismatchError(
-                f"{path} describes a dataset rendered with different {', '.join(different)}; render into a new "
-                f"out_dir, or delete {out_dir} to start over")
+                f"{path} describes a dataset rendered with other settings ({shown}); render into a new out_dir, or "
+                f"delete {out_dir} to start over")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, manifest, indent=2, sort_keys=True)
+    atomic_write_json(path, manifest, indent=2, sort_keys=True)
 
 
 def _die_with_parent() -> None:
@@ -173,7 +171,7 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RenderError(f"{shard_dir} is being rendered by another process") from None
+            raise RenderError(f"{shard_dir} {LOCKED}") from None
         _remove_stale(shard_dir)
         records = {r["frame_id"]: r for r in read_index(shard_dir) if _intact(shard_dir, r, verify)}
         write_index(shard_dir, records)
@@ -197,7 +195,7 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
 
         merge_coco(shard_dir, specs[next(iter(scenes))].categories)
         check = check_shard_labels(shard_dir, records, n_frames=label_check_frames, seed=seed)
-        _write_json(shard_dir / "label_check.json", check, indent=2)
+        atomic_write_json(shard_dir / "label_check.json", check, indent=2)
     failures = label_check_failures(check, label_check_max_deg) if label_check_max_deg is not None else []
     if failures:
         raise RenderError(f"{shard_dir}: {'; '.join(failures)}; see label_check.json")
@@ -264,7 +262,7 @@ def merge_coco(shard_dir: Path, categories: dict[int, str]) -> None:
         "images": sorted(images, key=lambda im: im["id"]),
         "annotations": sorted(annotations, key=lambda a: a["id"]),
     }
-    _write_json(shard_dir / "coco_annotations.json", coco)
+    atomic_write_json(shard_dir / "coco_annotations.json", coco)
 
 
 #: Objects whose top face is the support plane at z = 0 (tabletop: the table; room: the floor).

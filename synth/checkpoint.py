@@ -69,8 +69,10 @@ def _unreadable(path: Path, reason: str) -> CheckpointError:
 
 
 def read_checkpoint(checkpoint: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                    weights_only: bool = True) -> dict:
+                    weights_only: bool = True, mmap: bool = False) -> dict:
     """A checkpoint as a dict (the file read once), by default on the CPU with tensors and plain data only.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap way to check a file and read its config.
 
     Raises:
         FileNotFoundError: no such file (or run folder without ``checkpoints/last.pt``).
@@ -79,7 +81,7 @@ def read_checkpoint(checkpoint: str | os.PathLike, *, map_location: str | torch.
     """
     path = resolve_checkpoint(checkpoint)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+        state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except OSError:
         raise  # permissions and the like: the file may be fine
     except Exception as error:  # torch reports a torn or foreign file as RuntimeError, UnpicklingError, EOFError...
@@ -91,11 +93,43 @@ def read_checkpoint(checkpoint: str | os.PathLike, *, map_location: str | torch.
     return dict(state)
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+class NonFiniteStateError(FloatingPointError):
+    """A state to be saved holds NaN or infinite values; nothing was written (the good checkpoint stays)."""
+
+
+def non_finite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or infinite values."""
+    if isinstance(state, Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, list | tuple):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items for name in non_finite_entries(value, f"{prefix}.{key}" if prefix else
+                                                                         str(key))]
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *,
+                    check: tuple[str, ...] = ("model", "optimizer", "disc_optimizer")) -> Path:
     """Write ``state`` (e.g. :meth:`synth.engine.Engine.state_dict`) to ``path`` atomically; returns ``path``.
 
-    The parent folder is created. A crash or a full disk leaves the previous checkpoint as it was.
+    The parent folder is created. A crash or a full disk leaves the previous checkpoint as it was, and so does a
+    state whose parameters or optimizer moments are not finite: a diverged run never overwrites a good checkpoint.
+
+    Args:
+        check: Entries of ``state`` that must hold only finite floating-point tensors.
+
+    Raises:
+        NonFiniteStateError: names the first non-finite tensors; nothing is written.
+        synth.io.DiskFullError: the disk filled up (the temporary file is removed).
     """
+    bad = [name for key in check for name in non_finite_entries(state.get(key), key)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteStateError(f"not writing {path}: {', '.join(bad[:3])}{more} hold NaN or inf values; the "
+                                  f"previous checkpoint is kept")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -70,3 +70,36 @@ def register(group: str, name: str, cls: type, extra: tuple[tuple[str, type, obj
     node = schema(cls, extra, exclude)
     ConfigStore.instance().store(group=group, name=name, node=node)
     return node
+
+
+def flatten(data, prefix: str = "") -> dict[str, object]:
+    """A nested dict as ``{"a.b.c": leaf}`` (lists are leaves)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The leaf keys on which two nested configs differ, as ``"key: old -> new"`` lines, sorted.
+
+    Args:
+        ignore: Keys (or key prefixes ending in ``.``) that may differ, e.g. logging intervals.
+    """
+    flat_old, flat_new = flatten(old), flatten(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    missing = object()
+
+    def shown(value) -> str:
+        return "(absent)" if value is missing else repr(value)
+
+    lines = []
+    for key in keys:
+        if key in ignore or any(p.endswith(".") and key.startswith(p) for p in ignore):
+            continue
+        a, b = flat_old.get(key, missing), flat_new.get(key, missing)
+        if a != b:
+            lines.append(f"{key}: {shown(a)} -> {shown(b)}")
+    return lines

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from synth.checkpoint import read_checkpoint, save_checkpoint
 from synth.data import StepSampler, collate_frames
-from synth.io import atomic_write_json, atomic_write_text
+from synth.io import atomic_write_json, atomic_write_text, clear_stale_temporaries
 from synth.objective import ObjectiveTraits, objective_traits
 from synth.runtime import build_optimizer, resolve_device
 
@@ -246,6 +246,9 @@ class Engine:
         unknown = set(weights) ^ set(objectives)
         if unknown:
             raise ValueError(f"weights and objectives disagree on {sorted(unknown)}")
+        bad = {name: w for name, w in weights.items() if not math.isfinite(w) or abs(w) > 1e6}
+        if bad:  # a weight like 1e39 is finite as a Python float and overflows float32 once it scales a loss
+            raise ValueError(f"objective weights must be finite and at most 1e6 in size, got {bad}")
         if not any(d in datasets for t in traits.values() for d in t.domains):
             raise ValueError(f"no dataset for the objectives' domains {sorted(missing)}")
         self.settings = settings
@@ -310,7 +313,8 @@ class Engine:
         }
 
     def save(self) -> None:
-        """Write :meth:`state_dict` to ``checkpoints/last.pt`` atomically (:func:`synth.checkpoint.save_checkpoint`)."""
+        """Write :meth:`state_dict` to ``checkpoints/last.pt`` atomically (:func:`synth.checkpoint.save_checkpoint`);
+        a state with NaN or inf parameters or optimizer moments is refused, so the last good checkpoint stays."""
         if self.rank == 0:
             save_checkpoint(self.state_dict(), self.checkpoint_path)
 
@@ -343,12 +347,21 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _losses(self, outputs: dict[str, dict]) -> torch.Tensor:
-        total = sum(self.weights[key.split("/")[0]] * out["loss"].float() for key, out in outputs.items())
+        terms = {key: self.weights[key.split("/")[0]] * out["loss"].float() for key, out in outputs.items()}
+        total = sum(terms.values())
         if not torch.isfinite(total.detach()):  # one sync per step; find the culprit only when needed
             for key, out in outputs.items():
                 if not torch.isfinite(out["loss"].detach()).all():
                     raise NonFiniteLossError(f"objective {key!r} produced a non-finite loss ({out['loss'].item()}) "
                                              f"at step {self.step}; lower trainer.lr or check its inputs")
+            for key, term in terms.items():  # each loss finite: its weighted term overflowed
+                if not torch.isfinite(term.detach()).all():
+                    name = key.split("/")[0]
+                    raise NonFiniteLossError(f"objective {key!r}: weight {self.weights[name]:g} x loss "
+                                             f"{outputs[key]['loss'].item():.4g} overflows to {term.item()} at step "
+                                             f"{self.step}; lower objective.{name}.weight")
+            raise NonFiniteLossError(f"the sum of the weighted losses is {total.item()} at step {self.step}; lower "
+                                     f"the objectives' weights")
         return total
 
     def train_step(self, batches: dict[str, dict], with_metrics: bool = True) -> dict[str, torch.Tensor]:
@@ -439,6 +452,9 @@ class Engine:
     def fit(self) -> dict:
         """Train until ``settings.steps`` (resuming from ``last.pt`` if present); returns the run summary."""
         s = self.settings
+        if self.rank == 0:  # temporaries of writers that died (a kill, a full disk) are never resumed from
+            for folder in (self.out_dir, self.checkpoint_path.parent):
+                clear_stale_temporaries(folder)
         resumed = self.resume()
         log_path = self.out_dir / "train_log.jsonl"
         writer = None

@@ -168,7 +168,11 @@ def test_a_different_config_cannot_write_into_an_existing_dataset(rendered, tmp_
     result = synth("render", f"out_dir={rendered / 'a'}", "n_frames=4", *COMMON, "seed=4", cwd=tmp_path,
                    check=False)
     assert result.returncode != 0
-    assert "different seed" in result.stdout + result.stderr
+    assert "seed: 3 -> 4" in result.stdout + result.stderr  # the key and both values
+    result = synth("render", f"out_dir={rendered / 'a'}", "n_frames=4", *COMMON, "render.max_samples=3", cwd=tmp_path,
+                   check=False)
+    assert result.returncode == 1 and "render.max_samples: " in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr  # one line
 
 
 def test_frame_files_carry_camera_and_scene_attributes(rendered):
