@@ -490,6 +490,8 @@ def collate_frames(samples: list[dict | CorruptSample | None]) -> dict:
         and, when a dropped sample named its file, ``corrupt_files`` (those paths). When every sample is corrupt
         the batch holds only those keys.
     """
+    if isinstance(samples, dict):  # already a batch: a dataset's ``__getitems__`` (synth.packed.PackedFrames)
+        return samples
     good = [s for s in samples if isinstance(s, dict)]
     batch: dict = {"n_corrupt": len(samples) - len(good)}
     files = [str(s) for s in samples if isinstance(s, CorruptSample)]
