@@ -15,6 +15,7 @@ USAGE = """usage: synth [--verbose] COMMAND [key=value ...] [hydra flags]
 
 commands:
   render   render a labelled dataset from a scene config (one Hydra job per shard)
+  pack     write the training-ready packed layout beside rendered shards (train on it with data.packed=true)
   pretrain train one backbone on several objectives (synthetic heads, pretext, contrastive, adaptation)
   transfer score checkpoints and the random-init baseline on real tasks (probe, detection, segmentation, depth)
   adapt-images  train the rendered-to-real translator (CycleGAN + OP-GAN); `adapt-images apply` translates a dataset
@@ -30,7 +31,7 @@ examples:
 """
 #: Subcommand -> app module; imported on use, so ``synth render`` does not pay for torch's import.
 COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfer": "apps.transfer", "demo": "apps.demo",
-            "experiment": "apps.experiment", "adapt-images": "apps.adapt_images"}
+            "experiment": "apps.experiment", "adapt-images": "apps.adapt_images", "pack": "apps.pack"}
 
 
 def main(argv: list[str] | None = None) -> int:
