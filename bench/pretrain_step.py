@@ -8,7 +8,9 @@ with like (targets from the engine issue: step >= 0.7x the plain step; loader >=
   precision gain;
 * ours: :class:`synth.engine.Engine.train_step` with the depth, normal and contour heads (Ren & Lee, CVPR 2018);
 * loader: :class:`synth.data.RenderedFrames` through a DataLoader with the engine's sampler and collate
-  (rendered frames on disk, real augmentation), in samples/s, against the samples/s the step consumes.
+  (rendered frames on disk, real augmentation), in samples/s, against the samples/s the step consumes;
+* with ``--packed``: ``bench/loader.py``'s comparison of the HDF5 and the packed loader (``synth pack`` +
+  per-batch augmentation): CPU ms per sample, samples/s with 0/1/2 workers, and each against the step.
 
 Run: ``python bench/pretrain_step.py --data data/tabletop [--device cuda] [--batch 32] [--size 128]``.
 Render data first if needed: ``synth render n_frames=64 render.width=128 render.height=128 out_dir=data/bench``.
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the multitask model (trainer.compile)")
+    parser.add_argument("--packed", action="store_true",
+                        help="also compare the packed loader (packs --data beside its HDF5 frames if needed)")
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -126,6 +130,10 @@ def main() -> None:
     print(f"  ours / plain same precision        {rate['ours'] / rate['plain_amp']:8.2f}x")
     print(f"  loader ({args.workers} workers)             {loader_rate:8.1f} samples/s = "
           f"{loader_rate / rate['ours']:.2f}x the step's consumption (target >= 3)")
+    if args.packed:
+        import loader as loader_bench  # bench/loader.py, beside this script
+
+        loader_bench.report(loader_bench.measure(args.data, size=args.size, batch=args.batch), rate["ours"])
 
 
 if __name__ == "__main__":
