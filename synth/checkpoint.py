@@ -82,9 +82,10 @@ def read_checkpoint(checkpoint: str | os.PathLike, *, map_location: str | torch.
     path = resolve_checkpoint(checkpoint)
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-    except OSError:
-        raise  # permissions and the like: the file may be fine
-    except Exception as error:  # torch reports a torn or foreign file as RuntimeError, UnpicklingError, EOFError...
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # the file may be fine: say what the system said
+    # torch reports a torn zip as OSError(EINVAL), a foreign file as RuntimeError, UnpicklingError, EOFError...
+    except Exception as error:
         raise _unreadable(path, _load_error(path, error)) from error
     if not isinstance(state, Mapping):
         raise _unreadable(path, f"it holds a {type(state).__name__}, not a dict")
