@@ -173,7 +173,12 @@ def render_shard(*, sampler: SceneSampler, settings: RenderSettings, out_dir: st
         except BlockingIOError:
             raise RenderError(f"{shard_dir} {LOCKED}") from None
         _remove_stale(shard_dir)
-        records = {r["frame_id"]: r for r in read_index(shard_dir) if _intact(shard_dir, r, verify)}
+        indexed = read_index(shard_dir)
+        records = {r["frame_id"]: r for r in indexed if _intact(shard_dir, r, verify)}
+        if len(records) < len(indexed):  # damaged since they were written: dropped from the index, rendered again
+            broken = sorted({r["frame_id"] for r in indexed} - set(records))
+            print(f"shard {shard}: repairing {len(broken)} corrupt frame(s) {broken} (failed the checksum or could "
+                  f"not be read)", file=sys.stderr, flush=True)
         write_index(shard_dir, records)
         todo = [s for s, frames in scenes.items() if not all(f in records for f in frames)]
         for s in todo:

@@ -159,7 +159,8 @@ def test_kill_and_resume_leaves_every_frame_exactly_once(rendered, tmp_path):
         read_frame(victim)
     kept = {p.name: p.stat().st_mtime_ns for p in (shard / "frames").iterdir() if p.name[:8] not in ("00000004",
                                                                                                        "00000005")}
-    synth("render", f"out_dir={out}", "n_frames=8", *COMMON, cwd=tmp_path)
+    repaired = synth("render", f"out_dir={out}", "n_frames=8", *COMMON, cwd=tmp_path)
+    assert "repairing 1 corrupt frame(s) [5]" in repaired.stderr  # a rerun says what it repaired
     read_frame(victim)
     assert {p.name: p.stat().st_mtime_ns for p in (shard / "frames").iterdir() if p.name in kept} == kept
 
