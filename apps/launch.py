@@ -7,6 +7,7 @@ fails at run time (a locked shard, a full disk, a diverged loss) is reported in 
 with the traceback only under ``synth --verbose`` (or ``SYNTH_VERBOSE=1``, or Hydra's ``HYDRA_FULL_ERROR=1``).
 """
 
+import importlib.util
 import os
 import re
 import sys
@@ -114,11 +115,37 @@ def _explain(error: BaseException) -> str:
     return text
 
 
+#: Launcher choices that come from an optional extra: (Hydra plugin module, extra).
+LAUNCHER_EXTRAS: dict[str, tuple[str, str]] = {
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray"),
+}
+
+
+def require_launcher(args: list[str]) -> None:
+    """A launcher picked on the command line whose plugin is not installed is one line naming the extra.
+
+    Raises:
+        UsageError: e.g. ``hydra/launcher=slurm`` without ``pip install -e '.[slurm]'``.
+    """
+    for arg in args:
+        match = re.fullmatch(r"(?:override\s+)?hydra/launcher=(\w+)", arg.strip())
+        if match and match.group(1) in LAUNCHER_EXTRAS:
+            module, extra = LAUNCHER_EXTRAS[match.group(1)]
+            if importlib.util.find_spec(module) is None:
+                raise UsageError(f"hydra/launcher={match.group(1)} needs the [{extra}] extra: "
+                                 f"pip install -e '.[{extra}]' (from the project folder)")
+
+
 def checked(config_name: str, args: list[str], check: Callable[[DictConfig], object]) -> DictConfig | None:
     """Compose the config and run ``check`` on it; any config error becomes a one-line :class:`UsageError`.
 
     Returns None when ``args`` carry Hydra flags (--cfg, --info, --help, -m): Hydra then handles them itself.
     """
+    require_launcher(args)
     if any(a.startswith("-") for a in args):
         return None
     try:

@@ -5,7 +5,7 @@ is instantiated from its ``_target_`` with its own keyword arguments, and its ``
 engine never sees a config object.
 """
 
-import zlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,15 @@ from pretext.synthetic import ContourHead, DepthHead, NormalHead
 from synth.backbone import Backbone
 from synth.checkpoint import read_checkpoint
 from synth.config import differences, register
-from synth.data import FrameAugment, RenderedFrames, StreamingFrames
-from synth.engine import Engine, TrainerSettings
+from synth.data import FrameAugment, LiveFrames, RenderedFrames, StreamingFrames, held_out_scene
+from synth.engine import Engine, TrainerSettings, local_rank
 from synth.frames import list_frames
 from synth.packed import PackedFrames
 from synth.probe import FashionMNISTProbe
 from synth.real import RealImages
+from synth.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
 
 WEIGHT = (("weight", float, 1.0),)
 #: The objectives of the ``objective`` config group, each registered as ``<name>_schema`` for its YAML file.
@@ -44,10 +47,14 @@ class SyntheticData:
 
     Args:
         roots: Dataset folders written by ``synth render``.
-        streaming: Keep picking up frames as rendering adds them (unlimited-data mode); otherwise a fixed pool of
-            the frames complete at start (reproducible).
-        holdout: Fraction of scenes held out for evaluation and pictures (split by scene, so no view of a
-            held-out scene is trained on).
+        streaming: Keep picking up frames as rendering adds them (unlimited-data mode,
+            :class:`synth.data.StreamingFrames`): the run may start before the first frame (it waits, saying so),
+            new shards are used within ``refresh_s`` seconds, and when rendering ends it trains on to
+            ``trainer.steps`` over everything rendered. Otherwise a fixed pool of the frames complete at start
+            (reproducible, exactly resumable).
+        holdout: Fraction of scenes held out for evaluation and pictures (split by a hash of the scene seed, so no
+            view of a held-out scene is trained on; the same split in streaming mode).
+        refresh_s: Streaming: seconds between two scans of the dataset folders.
         verify: Re-hash every frame against the index before using it (HDF5 path; ``synth pack`` always does).
         packed: Train on the packed layout that ``synth pack`` writes beside the shards (memory-mapped arrays,
             augmented per batch on the training device by :class:`synth.batch_augment.BatchAugment`, about 15x
@@ -61,6 +68,7 @@ class SyntheticData:
     roots: list[str] = field(default_factory=lambda: ["data/tabletop"])
     streaming: bool = False
     holdout: float = 0.2
+    refresh_s: float = 2.0
     verify: bool = False
     packed: bool = False
     augment: Any = MISSING
@@ -101,7 +109,7 @@ def split_by_scene(frames: RenderedFrames, holdout: float) -> tuple[list[int], l
     stable as the dataset grows and wherever the dataset folder lives."""
     train, held = [], []
     for i, (_, record) in enumerate(frames.frames):
-        (held if zlib.crc32(str(record["scene_seed"]).encode()) / 2**32 < holdout else train).append(i)
+        (held if held_out_scene(record["scene_seed"], holdout) else train).append(i)
     if not train:
         raise ValueError(f"data.holdout={holdout} leaves no training frame out of {len(frames)}")
     return train, held
@@ -145,13 +153,20 @@ def build_engine(cfg: DictConfig) -> Engine:
         if missing:
             raise FileNotFoundError(f"data.roots: no rendered frame in {missing}; run `synth render "
                                     f"out_dir={missing[0]}` first")
+        if not 0 <= data.holdout < 1 or data.refresh_s <= 0:
+            raise ValueError(f"data.holdout must be in [0, 1) and data.refresh_s positive, got {data.holdout} and "
+                             f"{data.refresh_s}")
         eval_augment = instantiate(data.augment, train=False)
         if data.streaming:
-            held_out = RenderedFrames(list(data.roots), augment=eval_augment, seed=trainer.seed)
+            # Folders that are still being written (or not yet): the held-out side is re-scanned at each evaluation.
+            held_out = LiveFrames(list(data.roots), augment=eval_augment, holdout=data.holdout, side="held_out",
+                                  seed=trainer.seed)
             if trains:
-                datasets["synthetic"] = StreamingFrames(list(data.roots), augment=augment, seed=trainer.seed)
+                datasets["synthetic"] = StreamingFrames(list(data.roots), augment=augment, seed=trainer.seed,
+                                                        holdout=data.holdout, refresh_s=data.refresh_s)
                 eval_datasets["synthetic"] = held_out
-            measure["synthetic"] = [held_out]
+            measure["synthetic"] = [held_out, LiveFrames(list(data.roots), augment=eval_augment,
+                                                         holdout=data.holdout, side="train", seed=trainer.seed)]
         else:
             if data.packed:
                 pool = PackedFrames(list(data.roots), augment=augment, seed=trainer.seed,
@@ -193,13 +208,35 @@ def _first_images(datasets: list, n: int) -> torch.Tensor:
     alone is too few to measure a gap). Fixed sample seed: the same images at every call."""
     images = []
     for dataset in datasets:
+        if hasattr(dataset, "refresh"):  # a dataset still being rendered
+            dataset.refresh()
         for i in range(len(dataset) if dataset is not None else 0):
             if len(images) == n:
                 break
             sample = dataset[(i, 0)]
             if isinstance(sample, dict):  # not a corrupt frame
                 images.append(sample["image"])
-    return torch.stack(images)
+    return torch.stack(images) if images else torch.empty(0, 3, 1, 1)
+
+
+class GapWhenReady:
+    """The domain-gap monitor, built at the first evaluation that finds enough images (it needs 6 of each domain):
+    until then each call warns that it is skipped and returns nothing, so a run on a dataset still being rendered
+    (``data.streaming=true``), or one too small, trains on instead of stopping."""
+
+    def __init__(self, build):
+        self.build = build
+        self.monitor = None
+
+    def __call__(self, backbone, step: int) -> dict:
+        if self.monitor is None:
+            try:
+                self.monitor = self.build()
+            except ValueError as error:
+                logger.warning("monitor domain_gap skipped at step %d: %s", step, error)
+                print(f"synth pretrain: warning: monitor domain_gap skipped at step {step}: {error}", flush=True)
+                return {}
+        return self.monitor(backbone, step)
 
 
 def build_monitors(cfg: DictConfig, measure: dict) -> dict:
@@ -218,8 +255,15 @@ def build_monitors(cfg: DictConfig, measure: dict) -> dict:
                 raise ValueError(f"monitor.domain_gap needs {' and '.join(missing)} images: set data.roots / "
                                  f"data.real, or drop the monitor (monitor=[knn_probe])")
             n_images = node.pop("n_images")
-            monitor = instantiate(node, synthetic_images=_first_images(measure["synthetic"], n_images),
-                                  real_images=_first_images(measure["real"], n_images))
+            monitor = GapWhenReady(lambda node=node, n=n_images: instantiate(
+                node, synthetic_images=_first_images(measure["synthetic"], n),
+                real_images=_first_images(measure["real"], n)))
+            if not cfg.data.streaming:  # a fixed pool does not grow: find out now, and warn once if it is too small
+                try:
+                    monitor.monitor = monitor.build()
+                except ValueError as error:
+                    print(f"synth pretrain: warning: monitor domain_gap skipped: {error}", flush=True)
+                    continue
             monitors[name] = monitor
         else:
             probe = instantiate(node)
@@ -258,7 +302,14 @@ def check_resume(cfg: DictConfig, engine: Engine) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Instantiate every part (and find the data) before anything is written; check a run folder to resume."""
+    """Instantiate every part (and find the data) before anything is written; check a run folder to resume.
+
+    The device comes first: ``trainer=gpu`` or ``trainer.device=cuda`` on a machine without CUDA is one line.
+    """
+    try:
+        resolve_device(cfg.trainer.device, local_rank())
+    except ValueError as error:
+        raise ValueError(f"trainer.device: {error}") from None
     check_resume(cfg, build_engine(cfg))
 
 

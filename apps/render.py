@@ -1,12 +1,21 @@
 """``synth render``: the Hydra app that renders one shard per job, and its end-of-sweep report.
 
 Shards are independent Hydra jobs: ``synth render`` sweeps ``shard=range(0, n_shards)`` through the configured
-launcher (joblib locally; ``hydra/launcher=submitit_slurm`` or ``ray`` on a cluster, from the optional
-``slurm``/``ray`` extras). Each job renders what is missing from its shard (see :mod:`render.shard`).
+launcher (joblib locally; ``hydra/launcher=slurm`` or ``ray_cluster`` on a cluster, from the optional
+``slurm``/``ray`` extras). Each job renders what is missing from its shard (see :mod:`render.shard`), so a job that
+is preempted, requeued or retried resumes. ``out_dir`` is made absolute before launching (a cluster job's working
+folder is not the caller's), and the command exits 0 only when the dataset is complete on disk.
+
+The cluster launcher configs size each job from the render settings through three resolvers registered here:
+``${synth_cpus:${render.threads}}`` (CPUs per job: ``render.threads``, or :data:`CLUSTER_DEFAULT_CPUS` for 0),
+``${synth_gpus:${render.device}}`` (GPUs per job: 1 for ``gpu``, one per id for ``gpu:0,1``, else 0) and
+``${synth_activate:}`` (the shell line that activates this Python environment in a batch job).
 """
 
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +25,11 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from apps.launch import RunFailed, checked, run_hydra
 from render.shard import LOCKED, n_shards, render_shard, shard_scenes
-from render.worker import RenderSettings
+from render.worker import RenderSettings, parse_render_device
 from synth.config import register
 from synth.frames import read_index
 from synth.sampling import FurnishedRoomScene, RoomScene, ScannedTabletopScene, TabletopScene
@@ -61,6 +70,62 @@ class RenderApp:
     label_check: LabelCheck = field(default_factory=LabelCheck)
 
 
+#: CPUs a cluster job asks for when ``render.threads=0`` ("all cores" means nothing before a node is chosen).
+CLUSTER_DEFAULT_CPUS = 8
+#: Launchers that run jobs on this machine: a GPU asked for must be here.
+LOCAL_LAUNCHERS = ("local", "joblib", "basic", "submitit_local")
+
+
+def job_cpus(threads: int | str) -> int:
+    """CPUs per cluster job: ``render.threads``, or :data:`CLUSTER_DEFAULT_CPUS` when it is 0 (all cores)."""
+    return int(threads) if int(threads) > 0 else CLUSTER_DEFAULT_CPUS
+
+
+def job_gpus(device: str) -> int:
+    """GPUs per cluster job for ``render.device``: 1 for ``gpu``, one per id for ``gpu:0,1``, 0 for cpu and auto."""
+    kind, ids = parse_render_device(device)
+    return 0 if kind != "gpu" else len(ids or [0])
+
+
+def activate_line() -> str:
+    """The shell line that puts this Python environment first on a batch job's PATH."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return f"source {activate}" if activate.exists() else f"export PATH={Path(sys.prefix) / 'bin'}:$PATH"
+
+
+OmegaConf.register_new_resolver("synth_cpus", job_cpus, replace=True)
+OmegaConf.register_new_resolver("synth_gpus", job_gpus, replace=True)
+OmegaConf.register_new_resolver("synth_activate", activate_line, replace=True)
+
+
+def allotted_threads(threads: int) -> int:
+    """Cycles threads for this job: ``render.threads`` when set, else the CPUs a scheduler gave the job (Slurm's
+    ``SLURM_CPUS_PER_TASK``, Ray's assigned CPUs, or this process's CPU affinity), else 0 (all cores)."""
+    if threads > 0:
+        return threads
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    affinity = len(os.sched_getaffinity(0))
+    return affinity if affinity < (os.cpu_count() or affinity) else 0
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use (``CUDA_VISIBLE_DEVICES``, else the driver's list), without importing a
+    GPU library."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
 register("scene", "primitives_tabletop_schema", TabletopScene)
 register("scene", "primitives_room_schema", RoomScene)
 register("scene", "tabletop_schema", ScannedTabletopScene)
@@ -79,6 +144,7 @@ def render_job(cfg: DictConfig) -> dict:
         raise ValueError("shard is not set: run `synth render`, which sweeps every shard, or pass shard=N")
     sampler = instantiate(cfg.scene)
     settings = instantiate(cfg.render)
+    settings.threads = allotted_threads(settings.threads)
     report = render_shard(
         sampler=sampler, settings=settings, out_dir=cfg.out_dir, shard=cfg.shard, seed=cfg.seed,
         n_frames=cfg.n_frames, scenes_per_shard=cfg.scenes_per_shard,
@@ -138,6 +204,20 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"shard={cfg.shard} is out of range: {cfg.n_frames} frames make "
                          f"{shard_count(cfg)} shard(s) of {cfg.scenes_per_shard} scenes "
                          f"({math.ceil(cfg.n_frames / sampler.views)} scenes)")
+    kind, ids = parse_render_device(settings.device)
+    launcher = cfg.hydra.runtime.choices.get("hydra/launcher") if "hydra" in cfg else None
+    if kind == "gpu" and launcher in LOCAL_LAUNCHERS:  # a cluster job checks its own node (render.worker)
+        have = visible_gpus()
+        if have == 0 or (ids and max(ids) >= have):
+            raise ValueError(f"render.device={settings.device}: this machine has {have} visible NVIDIA GPU(s); use "
+                             f"render.device=cpu or auto")
+
+
+def override_value(text: str) -> str:
+    """``text`` as a Hydra override value: as is when plain, else quoted."""
+    if re.fullmatch(r"[\w/.\-+@]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def missing_frames(cfg: DictConfig) -> dict[int, int]:
@@ -162,10 +242,17 @@ def command(args: list[str]) -> None:
     Raises:
         RunFailed: frames are still missing (one line naming the shards).
     """
+    # Rendering is always a sweep over shards: a -m from habit must not skip the completeness check below.
+    args = [a for a in args if a not in ("-m", "--multirun")]
     cfg = checked("synth_render", args, check_config)
     if cfg is None:
         run_hydra("synth_render", render_job, args)
         return
+    # Jobs on other machines (Slurm, Ray) start in other folders: give them, and the check below, one absolute path.
+    out_dir = Path(cfg.out_dir).expanduser().absolute()
+    with open_dict(cfg):
+        cfg.out_dir = str(out_dir)
+    args = [*(a for a in args if not a.startswith("out_dir=")), f"out_dir={override_value(str(out_dir))}"]
     failed = None
     try:
         if cfg.shard is not None:

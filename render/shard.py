@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from render import labels
-from render.worker import PROGRESS_PREFIX, RenderSettings
+from render.worker import EXECUTION_KEYS, PROGRESS_PREFIX, RenderSettings
 from synth.config import differences
 from synth.frames import read_frame, read_index, sha256
 from synth.io import atomic_write_json, atomic_write_text
@@ -101,7 +101,10 @@ def claim_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / "dataset.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        different = differences({k: existing.get(k) for k in manifest}, manifest)
+        # Threads, devices and worker lifetimes say how frames are rendered, not what they hold: a resume may change
+        # them (e.g. on a cluster with other CPUs per task, or a GPU).
+        different = differences({k: existing.get(k) for k in manifest}, manifest,
+                                ignore=tuple(f"render.{key}" for key in EXECUTION_KEYS))
         if different:
             shown = "; ".join(different[:4]) + (f"; and {len(different) - 4} more" if len(different) > 4 else "")
             raise DatasetMismatchError(

@@ -38,7 +38,11 @@ class RenderSettings:
         max_samples: Cycles samples per pixel (BlenderProc's default is 1024; 16-64 is plenty with a denoiser).
         noise_threshold: Cycles adaptive-sampling threshold (0 disables adaptive sampling).
         denoiser: ``"INTEL"`` (OpenImageDenoise, inside Cycles), ``"OPTIX"`` (NVIDIA GPUs) or ``None``.
-        threads: Cycles CPU threads (0 = all cores).
+        threads: Cycles CPU threads (0 = all cores; under Slurm or Ray, the CPUs the job was given). On a cluster
+            it is also the CPUs each job asks for (``hydra/launcher=slurm`` or ``ray_cluster``).
+        device: ``"cpu"``, ``"gpu"`` (every GPU Cycles finds: OptiX, CUDA or HIP), ``"gpu:0,2"`` (those GPU ids
+            only) or ``"auto"`` (GPUs when Cycles finds any, else the CPU). A GPU that was asked for and is
+            missing stops the shard with one line. GPU and CPU frames differ in their sampling noise.
         recycle_every: Scenes a worker process renders before it is replaced (keeps memory flat).
         occlusion_jump: Relative depth jump that marks an occlusion contour.
         jpeg_quality: Quality of the COCO images.
@@ -50,6 +54,7 @@ class RenderSettings:
     noise_threshold: float = 0.05
     denoiser: str | None = "INTEL"
     threads: int = 0
+    device: str = "auto"
     recycle_every: int = 100
     occlusion_jump: float = 0.1
     jpeg_quality: int = 95
@@ -61,6 +66,54 @@ class RenderSettings:
                 raise ValueError(f"render.{key}: expected a positive integer, got {value!r}")
         if self.denoiser not in (None, "INTEL", "OPTIX"):
             raise ValueError(f"render.denoiser: expected INTEL, OPTIX or null, got {self.denoiser!r}")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise ValueError(f"render.threads: expected 0 (all cores) or a positive integer, got {self.threads!r}")
+        parse_render_device(self.device)
+
+
+#: Settings that say how a dataset is rendered, not what it holds: left out of its identity (``dataset.json``), so
+#: a resumed render may run with other threads, devices or worker lifetimes (e.g. on a cluster).
+EXECUTION_KEYS: tuple[str, ...] = ("threads", "device", "recycle_every")
+
+
+def parse_render_device(device: str) -> tuple[str, list[int] | None]:
+    """``render.device`` as ``(kind, gpu ids)``: ``("cpu", None)``, ``("auto", None)``, ``("gpu", None)`` (every
+    GPU) or ``("gpu", [0, 2])``.
+
+    Raises:
+        ValueError: anything else (one line naming the key).
+    """
+    text = str(device).strip().lower()
+    if text in ("cpu", "auto", "gpu"):
+        return text, None
+    if text.startswith("gpu:"):
+        try:
+            ids = [int(part) for part in text[4:].split(",") if part.strip()]
+        except ValueError:
+            ids = []
+        if ids and all(i >= 0 for i in ids):
+            return "gpu", ids
+    raise ValueError(f"render.device: expected cpu, gpu, gpu:ID[,ID...] or auto, got {device!r}")
+
+
+def configure_device(bp, device: str) -> str:
+    """Point Cycles at the devices of ``render.device``; returns what it renders on (``"CPU"`` or ``"GPU"``).
+
+    Raises:
+        RuntimeError: a GPU was asked for and Cycles finds none (or none with the ids asked for).
+    """
+    kind, ids = parse_render_device(device)
+    if kind == "cpu":
+        bp.renderer.set_render_devices(use_only_cpu=True)
+    else:
+        try:
+            bp.renderer.set_render_devices(desired_gpu_ids=ids)
+        except RuntimeError as error:  # BlenderProc: the ids select no GPU
+            raise RuntimeError(f"render.device={device}: {error}") from None
+        if kind == "gpu" and bp.bpy.context.scene.cycles.device != "GPU":
+            raise RuntimeError(f"render.device={device}: Cycles finds no GPU (OptiX, CUDA or HIP) on "
+                               f"{os.uname().nodename}; use render.device=cpu or auto")
+    return bp.bpy.context.scene.cycles.device
 
 
 def frame_labels(data: dict, index: int, *, fov_deg: float, width: int, height: int,
@@ -221,6 +274,11 @@ def main(job_path: str) -> int:
     from render.builder import SceneBuilder
 
     bp = blenderproc(os.path.join(shard_dir, f".tmp-blender-{os.getpid()}"))
+    try:
+        configure_device(bp, settings.device)
+    except RuntimeError as error:
+        _report({"error": str(error), "traceback": traceback.format_exc()})
+        return 1
     configure_renderer(bp, settings)
     builder = SceneBuilder(bp, width=settings.width, height=settings.height)
     for task in job["tasks"]:

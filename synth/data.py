@@ -6,8 +6,9 @@ only. Two datasets read dataset folders written by ``synth render``:
 
 * :class:`RenderedFrames`: map-style, over the frames complete when it is built. With :class:`StepSampler` the
   sample stream depends only on ``(seed, step)``, so a resumed run sees exactly what an uninterrupted one would.
-* :class:`StreamingFrames`: iterable, re-scans the folders as it goes, so training can consume a dataset that
-  ``synth render`` is still writing ("unlimited data").
+* :class:`StreamingFrames`: iterable, re-scans the folders every few seconds as it goes, so training can consume a
+  dataset that ``synth render`` is still writing ("unlimited data"); :class:`LiveFrames` reads its held-out side,
+  re-scanned before each evaluation. Both split by scene with :func:`held_out_scene`, as the fixed pool does.
 
 Randomness never comes from global state: every draw uses an explicit ``torch.Generator`` or
 ``numpy.random.Generator`` derived from explicit seeds, so results do not depend on which worker or process
@@ -21,6 +22,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from synth.constants import IMAGENET_MEAN, IMAGENET_STD
-from synth.frames import CorruptFrameError, list_frames, read_frame, sha256
+from synth.frames import CorruptFrameError, list_frames, read_frame, read_index, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +255,50 @@ def _scan(roots: list[Path]) -> list[tuple[Path, dict]]:
     return [item for root in roots for item in list_frames(root)]
 
 
+def held_out_scene(scene_seed: int, holdout: float) -> bool:
+    """Whether the scene of ``scene_seed`` is held out for a ``holdout`` fraction: a hash of the seed, so a scene
+    lands wholly on one side, the same side as the dataset grows (streaming) and wherever the folder lives."""
+    return zlib.crc32(str(scene_seed).encode()) / 2**32 < holdout
+
+
+class IndexScanner:
+    """Complete frames of dataset folders that may still be growing, re-reading only the shard indexes that
+    changed since the last scan (their size and mtime), so scanning every few seconds stays cheap.
+
+    Args:
+        roots: Dataset folders (they may not exist yet).
+        holdout: Fraction of scenes held out (:func:`held_out_scene`).
+        side: ``"train"`` (scenes not held out) or ``"held_out"``.
+    """
+
+    def __init__(self, roots: list[Path], *, holdout: float = 0.0, side: str = "train"):
+        if side not in ("train", "held_out") or not 0 <= holdout < 1:
+            raise ValueError(f"need side train or held_out and 0 <= holdout < 1, got {side!r} and {holdout}")
+        self.roots, self.holdout, self.side = roots, holdout, side
+        self._shards: dict[Path, tuple[tuple[int, int], list[tuple[Path, dict]]]] = {}
+
+    def scan(self) -> list[tuple[Path, dict]]:
+        """(shard folder, record) of the frames of this side, folder by folder in frame-id order."""
+        frames = []
+        for root in self.roots:
+            in_root = []
+            for shard in sorted(Path(root).glob("shard_*")):
+                index = shard / "index.jsonl"
+                try:
+                    stat = index.stat()
+                except OSError:
+                    continue
+                key = (stat.st_size, stat.st_mtime_ns)
+                cached = self._shards.get(shard)
+                if cached is None or cached[0] != key:
+                    records = [(shard, r) for r in read_index(shard)
+                               if held_out_scene(r["scene_seed"], self.holdout) == (self.side == "held_out")]
+                    self._shards[shard] = cached = (key, records)
+                in_root.extend(cached[1])
+            frames.extend(sorted(in_root, key=lambda item: item[1]["frame_id"]))
+        return frames
+
+
 class CorruptSample(str):
     """What a dataset returns for a corrupt frame instead of a sample: the frame's file path (a ``str``), so the
     batch can say which files were skipped (:func:`collate_frames`)."""
@@ -356,40 +402,90 @@ class RenderedFrames(torch.utils.data.Dataset):
 
 
 def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size): from the process group when it exists, else from torchrun's environment (datasets are
+    built before the engine joins the group, and DataLoader workers have no group), else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class LiveFrames(RenderedFrames):
+    """One side of the scene split of dataset folders that may still be growing: a map-style dataset over the frames
+    of that side complete at the last :meth:`refresh` (the engine refreshes held-out data before each evaluation).
+    May be empty. The held-out side is what :class:`StreamingFrames` leaves out of training.
+
+    Args:
+        roots: Dataset folders (they may not exist yet).
+        augment: Turns a frame into tensors (normally without augmentation).
+        holdout: Fraction of scenes held out (:func:`held_out_scene`).
+        side: ``"held_out"`` or ``"train"``.
+        seed: Seed of the per-sample augmentation of plain int keys.
+    """
+
+    def __init__(self, roots, *, augment: FrameAugment, holdout: float, side: str = "held_out", seed: int = 0):
+        self.roots = _as_roots(roots)
+        self.augment = augment
+        self.seed = seed
+        self.verify = False
+        self._scanner = IndexScanner(self.roots, holdout=holdout, side=side)
+        self.frames = self._scanner.scan()
+
+    def refresh(self) -> int:
+        """Re-scan the folders; returns how many frames this side has now."""
+        self.frames = self._scanner.scan()
+        return len(self.frames)
 
 
 class StreamingFrames(torch.utils.data.IterableDataset):
-    """Unlimited-data mode: samples uniformly from the frames complete so far and re-scans the dataset folders
-    every `refresh_every` samples, so `synth render` and training can run at the same time.
+    """Unlimited-data mode: train on a dataset that ``synth render`` is still writing.
+
+    The folders are re-scanned every ``refresh_s`` seconds (only shard indexes that changed are re-read), so a
+    shard's new frames are drawn from within seconds of being indexed. A draw takes, with probability
+    ``fresh_fraction``, the next frame this stream has not used yet (new frames in a random order, the newest
+    scan's frames queued behind the older ones), otherwise a frame uniformly from all the training frames complete so
+    far: early frames are not over-used while rendering catches up, and every frame keeps being revisited.
+
+    Scenes are split as the fixed pool splits them (:func:`held_out_scene`): the held-out ``holdout`` fraction never
+    enters the stream (:class:`LiveFrames` reads them for evaluation).
+
+    Before the first frame exists the stream waits, scanning every ``wait_s`` seconds and logging a warning every
+    30 s. When rendering ends the stream goes on drawing from every frame rendered (uniformly once all are used):
+    training stops at ``trainer.steps``, never for lack of new frames. A stream is not reproducible (it depends on
+    when frames land); use the fixed pool for exact resumption.
 
     Every DataLoader worker of every DDP rank runs its own endless stream, seeded from
-    ``(seed, world_size, rank, num_workers, worker)``, so streams differ without coordination. While no frame
-    is complete yet the stream waits, re-scanning every ``wait_s`` seconds. A corrupt frame is logged once and
-    skipped until its index record changes (a resumed render re-renders it with a new checksum).
+    ``(seed, world_size, rank, num_workers, worker)``, so streams differ without coordination. A corrupt frame is
+    logged once and skipped until its index record changes (a resumed render re-renders it with a new checksum).
 
     Args:
         roots: Dataset folder(s) written (or being written) by ``synth render``; they may not exist yet.
         augment: Turns a frame into tensors.
         seed: Seed of the streams (must be >= 0).
-        refresh_every: Samples between two scans of the folders.
+        holdout: Fraction of scenes held out of training (``data.holdout``).
+        refresh_s: Seconds between two scans of the folders (``data.refresh_s``).
+        fresh_fraction: Probability that a draw takes a frame not used yet by this stream, when there is one.
         wait_s: Polling interval while no frame is available.
-        rank: DDP rank (default: from ``torch.distributed`` if initialised when the dataset is built, else 0).
+        rank: DDP rank (default: from ``torch.distributed`` or torchrun's ``RANK``, else 0).
         world_size: DDP world size (default as for ``rank``).
+        clock: Seconds since some fixed point (tests pass a fake one).
     """
 
-    def __init__(self, roots, *, augment: FrameAugment, seed: int = 0, refresh_every: int = 256,
-                 wait_s: float = 1.0, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, roots, *, augment: FrameAugment, seed: int = 0, holdout: float = 0.0, refresh_s: float = 2.0,
+                 fresh_fraction: float = 0.5, wait_s: float = 1.0, rank: int | None = None,
+                 world_size: int | None = None, clock=time.monotonic):
         super().__init__()
         self.roots = _as_roots(roots)
         self.augment = augment
         self.seed = seed
-        if refresh_every <= 0 or wait_s <= 0:
-            raise ValueError(f"refresh_every and wait_s must be positive, got {refresh_every} and {wait_s}")
-        self.refresh_every = refresh_every
+        if refresh_s <= 0 or wait_s <= 0:
+            raise ValueError(f"refresh_s and wait_s must be positive, got {refresh_s} and {wait_s}")
+        if not 0 <= fresh_fraction <= 1 or not 0 <= holdout < 1:
+            raise ValueError(f"need 0 <= fresh_fraction <= 1 and 0 <= holdout < 1, got {fresh_fraction} and {holdout}")
+        self.holdout = holdout
+        self.refresh_s = refresh_s
+        self.fresh_fraction = fresh_fraction
         self.wait_s = wait_s
+        self.clock = clock
         # Resolved here, in the main process: DataLoader workers started with spawn have no process group.
         default_rank, default_world = _distributed_rank()
         self.rank = default_rank if rank is None else rank
@@ -401,23 +497,42 @@ class StreamingFrames(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng([self.seed, self.world_size, self.rank, num_workers, worker])
+        scanner = IndexScanner(self.roots, holdout=self.holdout, side="train")
         bad: set[tuple[str, str]] = set()  # (file, sha256) of frames found corrupt
         frames: list[tuple[Path, dict]] = []
-        since_scan = self.refresh_every
-        waiting_logged = False
+        known: set[tuple[str, str]] = set()  # (file, sha256) of every frame this stream has queued
+        fresh: list[tuple[Path, dict]] = []  # frames not used yet, next one last
+        last_scan = -math.inf
+        waiting_since, warned_at = None, -math.inf
         while True:
-            if since_scan >= self.refresh_every or not frames:
-                frames = [f for f in _scan(self.roots) if (str(f[0] / f[1]["file"]), f[1]["sha256"]) not in bad]
-                since_scan = 0
+            now = self.clock()
+            if now - last_scan >= self.refresh_s or not frames:
+                last_scan = now
+                frames = [f for f in scanner.scan() if (str(f[0] / f[1]["file"]), f[1]["sha256"]) not in bad]
+                new = [f for f in frames if (str(f[0] / f[1]["file"]), f[1]["sha256"]) not in known]
+                if new:
+                    known.update((str(f[0] / f[1]["file"]), f[1]["sha256"]) for f in new)
+                    order = rng.permutation(len(new))
+                    fresh = [new[i] for i in order[::-1]] + fresh  # popped from the end: older scans first
                 if not frames:
-                    if not waiting_logged:
-                        logger.info("waiting for rendered frames in %s", ", ".join(map(str, self.roots)))
-                        waiting_logged = True
+                    waiting_since = now if waiting_since is None else waiting_since
+                    if now - warned_at >= 30.0:
+                        logger.warning("waiting for rendered frames in %s (none complete yet, %.0f s so far; "
+                                       "start `synth render out_dir=...` or check data.roots)",
+                                       ", ".join(map(str, self.roots)), now - waiting_since)
+                        warned_at = now
                     time.sleep(self.wait_s)
                     continue
-            shard_dir, record = frames[int(rng.integers(len(frames)))]
+                if waiting_since is not None:
+                    logger.warning("first rendered frames found after %.0f s: training starts",
+                                   now - waiting_since)
+                    waiting_since = None
+            take_fresh = bool(fresh) and rng.random() < self.fresh_fraction
+            if take_fresh:
+                shard_dir, record = fresh.pop()
+            else:
+                shard_dir, record = frames[int(rng.integers(len(frames)))]
             sample_seed = int(rng.integers(2**63))
-            since_scan += 1
             frame = _load(shard_dir, record, verify=False)
             if isinstance(frame, CorruptSample):
                 bad.add((str(shard_dir / record["file"]), record["sha256"]))

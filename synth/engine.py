@@ -13,8 +13,12 @@ that also define ``discriminator_loss(batch, backbone)`` and ``discriminator_par
 Ren & Lee's feature GAN), steps a second optimizer on the discriminator alternately.
 
 It runs on CPU or GPU with autocast (bf16 where the hardware has it) and channels_last, and on several
-GPUs or nodes under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPU): rank 0 logs and writes
-checkpoints. A checkpoint holds the model, optimizers, scaler, scheduler, step and RNG states, written to a
+GPUs or nodes under ``torchrun`` with DistributedDataParallel (the backend follows the device: NCCL on CUDA, gloo on
+the CPU, even where CUDA exists): rank 0 logs and writes checkpoints. Every collective is entered by every rank:
+each rank evaluates its share of the held-out batches (so objectives that gather across ranks, e.g. SimCLR, work in
+evaluation too) and the sums are combined; logged losses and metrics are averaged over ranks; on start every rank
+must see the same checkpoint step (``out_dir`` must be shared between nodes), else the run stops with one line.
+A checkpoint holds the model, optimizers, scaler, scheduler, step and RNG states, written to a
 temporary name and renamed; rerunning the same command resumes at the saved step with the same data order.
 """
 
@@ -22,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -70,6 +75,10 @@ class TrainerSettings:
         checkpoint_every: Steps between checkpoints (one is always written at the end).
         compile: Compile the model's forward with ``torch.compile`` (fewer kernel launches; worth it on GPUs,
             where small decoder kernels leave the step launch-bound; costs a minute of compilation).
+        sync_bn: Under DDP, turn the backbone's BatchNorm layers into ``SyncBatchNorm``, so batch statistics are
+            computed over the global batch instead of each rank's share. Use it when the per-rank batch is small
+            (under ~32 per GPU), or to make N processes train like one process on the whole batch; it costs a
+            collective per BatchNorm layer per step. No effect on one process.
         seed: Seeds the model initialisation and the data order.
     """
 
@@ -92,6 +101,7 @@ class TrainerSettings:
     eval_batches: int = 4
     checkpoint_every: int = 100
     compile: bool = False
+    sync_bn: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -143,14 +153,28 @@ class MultiTask(nn.Module):
         return outputs
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) under torchrun; initialises the process group once."""
+def ddp_backend(device: torch.device) -> str:
+    """The process-group backend for a training device: NCCL for CUDA tensors, gloo for CPU tensors (NCCL cannot
+    reduce CPU tensors, so a CPU run on a machine with GPUs still needs gloo)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_rank() -> int:
+    """This process's rank on its node under torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) under torchrun; initialises the process group once, with the backend of ``device``."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, 0
+        return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        dist.init_process_group(backend=ddp_backend(device))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class RankMismatchError(ValueError):
+    """The ranks of a DDP run disagree on what to resume from (e.g. an ``out_dir`` that is not shared)."""
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -259,9 +283,11 @@ class Engine:
         self.data_report = dict(data_report or {})
         self.out_dir = Path(out_dir)
         self.config = config or {}
-        self.rank, self.world, local_rank = _distributed()
-        self.device = resolve_device(settings.device, local_rank)
+        self.device = resolve_device(settings.device, local_rank())
+        self.rank, self.world = _distributed(self.device)
         self.amp_dtype = _amp_dtype(settings.amp, self.device)
+        if settings.sync_bn and self.world > 1:  # before the optimizers are built over the parameters
+            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
         self.model = MultiTask(backbone, objectives).to(self.device)
         if settings.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -321,12 +347,37 @@ class Engine:
     def resume(self) -> bool:
         """Load ``last.pt`` if the run folder has one; returns whether it did.
 
+        Under DDP every rank reads ``last.pt`` from its own view of ``out_dir`` and the ranks compare the steps
+        they found before any of them loads: a node that sees another step (or no checkpoint, as with an
+        ``out_dir`` on a node-local disk) would otherwise train from another state and the ranks would hang in
+        their next collective.
+
         Raises:
             CheckpointError: ``last.pt`` is not a readable checkpoint (one line naming it and what to do).
+            RankMismatchError: the ranks found different steps (one line naming them; same on every rank).
         """
-        if not self.checkpoint_path.exists():
+        state, problem = None, None
+        if self.checkpoint_path.exists():
+            try:
+                state = read_checkpoint(self.checkpoint_path, map_location=self.device, weights_only=False)
+            except Exception as error:
+                if self.world == 1:
+                    raise
+                problem = error
+        if self.world > 1:
+            mine = f"unreadable ({type(problem).__name__})" if problem is not None else (
+                "no checkpoint" if state is None else f"step {int(state['step'])}")
+            seen = [None] * self.world
+            dist.all_gather_object(seen, (mine, socket.gethostname()))
+            if problem is not None:
+                raise problem
+            if len({s for s, _ in seen}) > 1:
+                ranks = ", ".join(f"rank {r} ({host}): {s}" for r, (s, host) in enumerate(seen))
+                raise RankMismatchError(
+                    f"the ranks see different checkpoints in {self.checkpoint_path} ({ranks}): out_dir must be one "
+                    f"folder shared by every node (a network file system), with the same path on each")
+        if state is None:
             return False
-        state = read_checkpoint(self.checkpoint_path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.disc_optimizer is not None and state["disc_optimizer"] is not None:
@@ -412,17 +463,46 @@ class Engine:
             for metric, value in out.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 0:
                     logs[f"{key}/{metric}"] = value.detach()
+        if self.world > 1 and with_metrics:
+            # Each rank computed its losses on its share of the batch: log the mean over ranks, which is what one
+            # process on the whole batch would report (for per-sample means) instead of rank 0's half.
+            keys = sorted(k for k, v in logs.items() if isinstance(v, torch.Tensor) and v.dim() == 0)
+            values = torch.stack([logs[k].float() for k in keys])
+            dist.all_reduce(values)
+            logs.update(zip(keys, (values / self.world).unbind(), strict=True))
         return logs
+
+    def _eval_domains(self) -> list[str]:
+        """Domains with held-out data now, agreed by every rank. A dataset with ``refresh()`` (held-out frames of
+        a dataset still being rendered) is re-scanned first; an empty one is left out."""
+        domains = []
+        for domain, dataset in self.eval_datasets.items():
+            if hasattr(dataset, "refresh"):
+                dataset.refresh()
+            if isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) > 0:
+                domains.append(domain)
+        if self.world > 1:  # every rank must run the same objectives, whose collectives (gathers) pair up
+            seen = [None] * self.world
+            dist.all_gather_object(seen, domains)
+            domains = [d for d in domains if all(d in other for other in seen)]
+        return domains
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of every objective's outputs over ``eval_batches`` held-out batches, in eval mode."""
-        if not self.eval_datasets:
+        """Mean of every objective's outputs over ``eval_batches`` held-out batches, in eval mode.
+
+        Called on every rank: under DDP each rank evaluates its interleaved share of the global held-out batches
+        (``eval_batches`` batches of ``batch_size`` per rank, as in training), so an objective that gathers across
+        ranks meets its peers, and the per-rank sums are combined. One process gives the same numbers as before.
+        """
+        domains = self._eval_domains()
+        if not domains:
             return {}
         self.model.eval()
         sums, counts = defaultdict(float), defaultdict(int)
-        iterators = {d: _loader(ds, batch_size=self.settings.batch_size, seed=self.settings.seed + 1, start_step=0,
-                                rank=0, world=1, num_workers=0) for d, ds in self.eval_datasets.items()}
+        iterators = {d: _loader(self.eval_datasets[d], batch_size=self.settings.batch_size,
+                                seed=self.settings.seed + 1, start_step=0, rank=self.rank, world=self.world,
+                                num_workers=0) for d in domains}
         for _ in range(self.settings.eval_batches):
             batches = {d: _to(next(it), self.device, self.settings.channels_last) for d, it in iterators.items()}
             for batch in batches.values():
@@ -434,7 +514,15 @@ class Engine:
                     if isinstance(value, torch.Tensor) and value.dim() == 0:
                         sums[f"eval/{key}/{metric}"] += float(value)
                         counts[f"eval/{key}/{metric}"] += 1
-        return {k: sums[k] / counts[k] for k in sums}
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, (dict(sums), dict(counts)))
+            sums, counts = defaultdict(float), defaultdict(int)
+            for part_sums, part_counts in parts:
+                for key, value in part_sums.items():
+                    sums[key] += value
+                    counts[key] += part_counts[key]
+        return {k: sums[k] / counts[k] for k in sorted(sums)}
 
     def run_monitors(self) -> dict[str, float]:
         """Run every monitor on the backbone; appends the values to ``monitor_log.jsonl`` (one line per step)."""
@@ -502,9 +590,11 @@ class Engine:
                                      if k in ("loss", "images_per_s") or k.endswith("/loss")})
                 if s.image_every and self.step % s.image_every == 0 and self.rank == 0:
                     self.write_pictures()
-                if s.eval_every and self.step % s.eval_every == 0 and self.rank == 0:
-                    for key, value in {**self.evaluate(), **self.run_monitors()}.items():
-                        writer.add_scalar(key, value, self.step)
+                if s.eval_every and self.step % s.eval_every == 0:
+                    values = self.evaluate()  # every rank: objectives may gather across ranks
+                    if self.rank == 0:
+                        for key, value in {**values, **self.run_monitors()}.items():
+                            writer.add_scalar(key, value, self.step)
                 if self.step % s.checkpoint_every == 0:
                     self.save()
         finally:
@@ -518,8 +608,8 @@ class Engine:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, fingerprint)
             summary["rank_fingerprints"] = gathered
+        summary["eval"] = self.evaluate()  # every rank, as during training
         if self.rank == 0:
-            summary["eval"] = self.evaluate()
             summary["monitors"] = self.run_monitors()
             for key, value in {**summary["eval"], **summary["monitors"]}.items():
                 writer.add_scalar(key, value, self.step)
@@ -542,7 +632,9 @@ class Engine:
         paths = []
         for domain in self.datasets:
             # Held-out frames when there are any; a tiny dataset may hold out none, then its training frames.
-            dataset = self.eval_datasets.get(domain, self.datasets[domain])
+            dataset = self.eval_datasets.get(domain)
+            if dataset is None or (not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0):
+                dataset = self.datasets[domain]
             heads = {n: o for n, o in self.model.objectives.items()
                      if self.model.traits[n].predictor and domain in self.model.traits[n].domains}
             if not heads:
@@ -570,4 +662,5 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-__all__ = ["Engine", "MultiTask", "NonFiniteLossError", "TrainerSettings", "lr_factor"]
+__all__ = ["Engine", "MultiTask", "NonFiniteLossError", "RankMismatchError", "TrainerSettings", "ddp_backend",
+           "lr_factor"]

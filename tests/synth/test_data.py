@@ -432,7 +432,7 @@ def test_step_sampler_ranks_split_each_global_batch():
 def test_streaming_waits_for_frames_then_picks_up_new_shards(tmp_path):
     root = tmp_path / "live"
     root.mkdir()
-    stream = StreamingFrames(root, augment=FrameAugment(size=16), refresh_every=4, wait_s=0.02)
+    stream = StreamingFrames(root, augment=FrameAugment(size=16), refresh_s=0.05, wait_s=0.02)
     writer = threading.Timer(0.2, make_dataset, args=(root, [0, 1]))
     writer.start()
     it = iter(stream)
@@ -453,7 +453,7 @@ def test_streaming_draws_from_every_folder_and_skips_corrupt_frames(tmp_path, ca
     bad = tmp_path / "a" / "shard_00000" / "frames" / "00000001.hdf5"
     bad.write_bytes(b"not an hdf5 file")
     stream = StreamingFrames([str(tmp_path / "a"), str(tmp_path / "b")], augment=FrameAugment(size=16), seed=2,
-                             refresh_every=8, wait_s=0.01)
+                             refresh_s=0.05, wait_s=0.01)
     with caplog.at_level(logging.WARNING, logger="synth.data"):
         it = iter(stream)
         ids = [next(it)["frame_id"].item() for _ in range(40)]
