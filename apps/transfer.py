@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adapt.transfer import TASK_DATA, TASKS, check_budget, format_table, run_transfer, write_results
+from adapt.transfer import TASK_DATA, TASKS, check_budget, format_report, run_transfer, write_results
 from apps.launch import checked, run_hydra
 from synth.checkpoint import read_checkpoint
 
@@ -44,6 +44,8 @@ class TransferApp:
             :class:`adapt.transfer.detection.DetectionBudget`).
         seed: Seeds the baseline's initialisation, every head and every data order.
         device: ``auto``, ``cpu`` or ``cuda``.
+        naive: Add the naive rows (no network: constant and ramp depth, majority class, raw-pixel probe, prior
+            boxes, location-prior masks) beside random init.
         out_dir: ``results.csv``, ``results.md`` and ``linear_probe_stages.png`` go here.
     """
 
@@ -54,6 +56,7 @@ class TransferApp:
     data: TransferData = field(default_factory=TransferData)
     seed: int = 0
     device: str = "auto"
+    naive: bool = True
     out_dir: str = "runs/transfer"
 
 
@@ -117,9 +120,9 @@ def transfer_job(cfg: DictConfig) -> list:
     """The Hydra task function of ``synth transfer``: results table printed and written to ``out_dir``."""
     rows = run_transfer(_checkpoints(cfg), list(cfg.tasks), build_data(cfg),
                         budget=OmegaConf.to_container(cfg.budget, resolve=True), seed=cfg.seed,
-                        out_dir=cfg.out_dir, device=cfg.device)
+                        out_dir=cfg.out_dir, device=cfg.device, naive=cfg.naive)
     write_results(rows, cfg.out_dir)
-    print(f"\ntransfer results ({Path(cfg.out_dir) / 'results.md'}):\n{format_table(rows)}")
+    print(f"\ntransfer results ({Path(cfg.out_dir) / 'results.md'}):\n{format_report(rows)}")
     return rows
 
 

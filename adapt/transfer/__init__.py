@@ -65,7 +65,16 @@ from adapt.transfer.detection import (
     train_detector,
 )
 from adapt.transfer.registry import REGISTRY, TASK_DATA, TASKS, check_budget, get_task
-from adapt.transfer.results import ResultRow, format_table, plot_stage_curve, read_results, write_results
+from adapt.transfer.results import (
+    ResultRow,
+    compare,
+    format_comparison,
+    format_report,
+    format_table,
+    plot_stage_curve,
+    read_results,
+    write_results,
+)
 from adapt.transfer.runner import run_transfer
 from adapt.transfer.segmentation import (
     SEGMENTATION_HEADS,
@@ -108,6 +117,7 @@ __all__ = [
     "check_budget",
     "classification_features",
     "coco_evaluate",
+    "compare",
     "confusion_matrix",
     "evaluate_classifier",
     "evaluate_depth_zero_shot",
@@ -117,6 +127,8 @@ __all__ = [
     "finetune_depth",
     "fit_linear_probe",
     "fit_linear_probes",
+    "format_comparison",
+    "format_report",
     "format_table",
     "get_task",
     "is_random",

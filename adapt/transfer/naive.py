@@ -31,11 +31,9 @@ from adapt.transfer.classification import fit_linear_probe
 from adapt.transfer.common import _resize
 from adapt.transfer.depth import _depth_item, median_scaled_depth_metrics
 from adapt.transfer.detection import evaluate_detection
+from adapt.transfer.results import NAIVE
 from adapt.transfer.segmentation import evaluate_segmentation
 from adapt.transfer.task import Score
-
-#: Label prefix of naive rows in results tables.
-NAIVE = "naive"
 
 
 def constant_depth(height: int, width: int) -> Tensor:
@@ -133,47 +131,57 @@ def location_prior_segmentation(train_set, test_set, num_classes: int, size: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per task: {row label: Score}
+# Per task: naive(data, seed, reference) -> {row label: [Score, ...]}, reference being the random-init rows of the
+# task, so the naive rows fill the same columns.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def classification_scores(task: str, data: Mapping, seed: int, metrics: Sequence[str] = ("accuracy",),
-                          raw_size: int = 16) -> dict[str, Score]:
-    """``naive:majority`` and ``naive:raw_pixels`` for a classification task (``linear_probe`` or ``finetune``), each
-    accuracy reported under every accuracy column of the task (``metrics``: e.g. ``acc@<stage>`` for each stage of
-    the probe), so the table compares every column with it."""
+def _columns(reference: Sequence) -> dict[str, list[str]]:
+    """``{task: [metric, ...]}`` of reference rows, in order."""
+    columns: dict[str, list[str]] = {}
+    for row in reference:
+        metrics = columns.setdefault(row.task, [])
+        metrics += [row.metric] if row.metric not in metrics else []
+    return columns
+
+
+def classification_naive(data: Mapping, seed: int, reference: Sequence, raw_size: int = 16) -> dict[str, list[Score]]:
+    """``naive:majority`` and ``naive:raw_pixels`` (a logistic-regression probe on ``raw_size``-pixel images), each
+    accuracy written into every accuracy column of the task (e.g. ``acc@<stage>`` for each stage of the probe)."""
     train, test = data["train"], data["test"]
-    majority = majority_accuracy(train, test)
-    raw = raw_pixel_probe(train, test, size=raw_size, seed=seed)
-    return {f"{NAIVE}:majority": Score(task, dict.fromkeys(metrics, majority), "no learning"),
-            f"{NAIVE}:raw_pixels": Score(task, dict.fromkeys(metrics, raw),
-                                         f"logistic regression on {raw_size}x{raw_size} pixels")}
+    accuracy = {f"{NAIVE}:majority": (majority_accuracy(train, test), "no learning"),
+                f"{NAIVE}:raw_pixels": (raw_pixel_probe(train, test, size=raw_size, seed=seed),
+                                        f"logistic regression on {raw_size}x{raw_size} pixels")}
+    return {label: [Score(task, dict.fromkeys(metrics, value), budget)
+                    for task, metrics in _columns(reference).items()]
+            for label, (value, budget) in accuracy.items()}
 
 
-def depth_scores(data: Mapping) -> dict[str, Score]:
-    """``naive:constant`` and ``naive:ramp`` on the depth test pairs (task ``depth_zero_shot``)."""
+def depth_naive(data: Mapping, seed: int, reference: Sequence) -> dict[str, list[Score]]:
+    """``naive:constant`` and ``naive:ramp`` on the depth test pairs, under every depth task of the reference rows
+    (zero-shot and fine-tuned depth are scored on the same test pairs)."""
     test = data["test"]
-    return {f"{NAIVE}:constant": Score("depth_zero_shot", depth_baseline_metrics(test, constant_depth), "no network"),
-            f"{NAIVE}:ramp": Score("depth_zero_shot", depth_baseline_metrics(test, vertical_ramp_depth),
-                                   "no network")}
+    tasks = list(_columns(reference)) or ["depth_zero_shot"]
+    return {f"{NAIVE}:{name}": [Score(task, depth_baseline_metrics(test, predictor), "no network") for task in tasks]
+            for name, predictor in (("constant", constant_depth), ("ramp", vertical_ramp_depth))}
 
 
-def detection_scores(data: Mapping) -> dict[str, Score]:
-    """``naive:prior_boxes`` (task ``detection``)."""
+def detection_naive(data: Mapping, seed: int, reference: Sequence) -> dict[str, list[Score]]:
+    """``naive:prior_boxes``: per-class mean boxes scored by class frequency."""
     train, test = data["train"], data["test"]
-    return {f"{NAIVE}:prior_boxes": Score("detection", evaluate_detection(prior_box_detections(train, test), test),
-                                          "class means and frequencies")}
+    return {f"{NAIVE}:prior_boxes": [Score("detection", evaluate_detection(prior_box_detections(train, test), test),
+                                           "class means and frequencies")]}
 
 
-def segmentation_scores_naive(data: Mapping) -> dict[str, Score]:
-    """``naive:location_prior`` (task ``segmentation``)."""
+def segmentation_naive(data: Mapping, seed: int, reference: Sequence) -> dict[str, list[Score]]:
+    """``naive:location_prior``: the per-position majority class of the training masks."""
     train, test = data["train"], data["test"]
     num_classes = len(test.classes)
     predictions = location_prior_segmentation(train, test, num_classes)
-    return {f"{NAIVE}:location_prior": Score("segmentation", evaluate_segmentation(predictions, test, num_classes),
-                                             "per-position majority class")}
+    return {f"{NAIVE}:location_prior": [Score("segmentation", evaluate_segmentation(predictions, test, num_classes),
+                                              "per-position majority class")]}
 
 
-__all__ = ["NAIVE", "classification_scores", "constant_depth", "depth_baseline_metrics", "depth_scores",
-           "detection_scores", "location_prior_segmentation", "majority_accuracy", "prior_box_detections",
-           "raw_pixel_probe", "raw_pixels", "segmentation_scores_naive", "vertical_ramp_depth"]
+__all__ = ["classification_naive", "constant_depth", "depth_baseline_metrics", "depth_naive", "detection_naive",
+           "location_prior_segmentation", "majority_accuracy", "prior_box_detections", "raw_pixel_probe",
+           "raw_pixels", "segmentation_naive", "vertical_ramp_depth"]

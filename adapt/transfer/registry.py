@@ -4,7 +4,7 @@ plus its line here."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from adapt.transfer import classification, depth, detection, segmentation
+from adapt.transfer import classification, depth, detection, naive, segmentation
 from adapt.transfer.task import Task, make_budget
 
 #: The tasks :func:`~adapt.transfer.runner.run_transfer` knows, in the order tables show them.
@@ -15,6 +15,16 @@ REGISTRY: tuple[Task, ...] = (
     segmentation.TASK,
     depth.TASK,
 )
+
+#: The naive rows of each task (:mod:`adapt.transfer.naive`): ``naive(data, seed, reference_rows) -> {label:
+#: [Score, ...]}``. A task without an entry gets none.
+NAIVE_ROWS: dict[str, Any] = {
+    "linear_probe": naive.classification_naive,
+    "finetune": naive.classification_naive,
+    "detection": naive.detection_naive,
+    "segmentation": naive.segmentation_naive,
+    "depth": naive.depth_naive,
+}
 
 #: Task names.
 TASKS: tuple[str, ...] = tuple(task.name for task in REGISTRY)
@@ -66,4 +76,4 @@ def select_tasks(names: Sequence[str]) -> list[Task]:
     return [_BY_NAME[name] for name in names]
 
 
-__all__ = ["REGISTRY", "TASKS", "TASK_DATA", "check_budget", "get_task", "select_tasks"]
+__all__ = ["NAIVE_ROWS", "REGISTRY", "TASKS", "TASK_DATA", "check_budget", "get_task", "select_tasks"]

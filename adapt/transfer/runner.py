@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from adapt.transfer.common import RANDOM, is_random, load_backbone
-from adapt.transfer.registry import check_budget, select_tasks
-from adapt.transfer.results import ResultRow, write_results
+from adapt.transfer.registry import NAIVE_ROWS, check_budget, select_tasks
+from adapt.transfer.results import NAIVE, ResultRow, write_results
 from adapt.transfer.task import TaskContext, budget_text
 from synth.checkpoint import Checkpoint
 from synth.runtime import resolve_device
@@ -17,7 +17,7 @@ from synth.runtime import resolve_device
 
 def run_transfer(checkpoints: Mapping[str, str | os.PathLike | None], tasks: Sequence[str], data: Mapping,
                  budget: Mapping[str, Mapping] | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                 device: str | torch.device = "auto") -> list[ResultRow]:
+                 device: str | torch.device = "auto", naive: bool = True) -> list[ResultRow]:
     """Evaluate every checkpoint, and the random-initialisation baseline, on the requested tasks at one budget.
 
     The baseline (label ``"random"``, or ``"random/<arch>"`` when the checkpoints use several architectures) is
@@ -40,9 +40,11 @@ def run_transfer(checkpoints: Mapping[str, str | os.PathLike | None], tasks: Seq
         out_dir: Where ``results.csv``, ``results.md`` (rewritten after each checkpoint) and the tasks' reports
             (``linear_probe_stages.png``) go; ``None`` writes nothing.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        naive: Add each task's naive rows (:data:`~adapt.transfer.registry.NAIVE_ROWS`, labelled ``naive:<name>``):
+            what the task scores with no network, the second reference every number is judged against.
 
     Returns:
-        Every :class:`~adapt.transfer.results.ResultRow`, the baseline's first.
+        Every :class:`~adapt.transfer.results.ResultRow`, the baseline's first, then the naive rows.
     """
     selected = select_tasks(tasks)
     budgets = check_budget(budget)
@@ -82,11 +84,34 @@ def run_transfer(checkpoints: Mapping[str, str | os.PathLike | None], tasks: Seq
                             for metric, value in score.metrics.items())
         if out_dir is not None:
             write_results(rows, out_dir)
+        if naive and path is None and label == runs[0][0]:  # after the first baseline: the naive rows, once
+            rows += naive_rows(selected, data, rows, label, seed)
     if out_dir is not None:
+        write_results(rows, out_dir)
         for task in dict.fromkeys(selected):
             if task.report is not None:
                 task.report(rows, out_dir)
     return rows
 
 
-__all__ = ["run_transfer"]
+def naive_rows(tasks: Sequence, data: Mapping, rows: Sequence[ResultRow], reference: str, seed: int
+               ) -> list[ResultRow]:
+    """The naive rows of ``tasks``, filling the columns that the ``reference`` label's rows have."""
+    out = []
+    for task in dict.fromkeys(tasks):
+        make = NAIVE_ROWS.get(task.name)
+        if make is None:
+            continue
+        tic = time.perf_counter()
+        tasks_of = {score_task for score_task in (r.task for r in rows if r.label == reference)}
+        reference_rows = [r for r in rows if r.label == reference and r.task in tasks_of
+                          and (r.task == task.name or r.task.startswith(f"{task.name}_"))]
+        for label, scores in make(data[task.data], seed, reference_rows).items():
+            for score in scores:
+                out.extend(ResultRow(checkpoint=NAIVE, label=label, task=score.task, metric=metric,
+                                     value=float(value), seed=seed, budget=score.budget,
+                                     wall_s=time.perf_counter() - tic) for metric, value in score.metrics.items())
+    return out
+
+
+__all__ = ["naive_rows", "run_transfer"]

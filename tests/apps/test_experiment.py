@@ -33,7 +33,10 @@ def test_demo_writes_every_artefact_and_a_table_with_every_row(tmp_path, monkeyp
     assert table.splitlines()[0] in printed  # the table is printed, not only written
     with open(out / "transfer" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["label"] for r in rows} == {"random", "pretrained"}
+    # The naive rows stand beside random init: majority class and raw pixels for the probe, prior boxes.
+    assert {r["label"] for r in rows} == {"random", "pretrained", "naive:majority", "naive:raw_pixels",
+                                          "naive:prior_boxes"}
+    assert "| naive:raw_pixels |" in table and "| naive:raw_pixels |" in printed
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
 
 

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from adapt.transfer.naive import (
-    classification_scores,
+    classification_naive,
     constant_depth,
     depth_baseline_metrics,
-    depth_scores,
+    depth_naive,
     location_prior_segmentation,
     majority_accuracy,
     prior_box_detections,
     raw_pixel_probe,
     vertical_ramp_depth,
 )
+from adapt.transfer.results import ResultRow
 
 
 class _Items(list):
@@ -42,9 +43,10 @@ def test_depth_metrics_by_hand():
     # ramp: rows 2, 1; valid predictions {2, 1, 1}, median 1 -> scale 2: predictions {4, 2, 2} = target exactly.
     ramp = depth_baseline_metrics(pairs, vertical_ramp_depth)
     assert ramp["abs_rel"] == pytest.approx(0.0) and ramp["delta1"] == pytest.approx(1.0)
-    scores = depth_scores({"test": pairs})
+    scores = depth_naive({"test": pairs}, seed=0, reference=[])
     assert set(scores) == {"naive:constant", "naive:ramp"}
-    assert scores["naive:ramp"].task == "depth_zero_shot"
+    (ramp_score,) = scores["naive:ramp"]
+    assert ramp_score.task == "depth_zero_shot" and ramp_score.metrics["abs_rel"] == pytest.approx(0.0)
 
 
 def test_depth_without_valid_pixels_is_nan():
@@ -68,10 +70,11 @@ def test_raw_pixel_probe_separates_bright_from_dark():
     values = [0.8 * label + 0.1 * rng.random() for label in labels]  # class 1 bright, class 0 dark
     train, test = _classification(labels[:40], values[:40]), _classification(labels[40:], values[40:])
     assert raw_pixel_probe(train, test, size=2) == 1.0
-    scores = classification_scores("linear_probe", {"train": train, "test": test}, seed=0,
-                                   metrics=("acc@layer3", "acc@layer4"))
-    assert scores["naive:raw_pixels"].metrics == {"acc@layer3": 1.0, "acc@layer4": 1.0}
-    assert scores["naive:majority"].metrics["acc@layer4"] == pytest.approx(0.5)
+    reference = [ResultRow(checkpoint="random", label="random", task="linear_probe", metric=metric, value=0.5, seed=0,
+                           budget="", wall_s=0.0) for metric in ("acc@layer3", "acc@layer4")]
+    scores = classification_naive({"train": train, "test": test}, seed=0, reference=reference)
+    assert scores["naive:raw_pixels"][0].metrics == {"acc@layer3": 1.0, "acc@layer4": 1.0}
+    assert scores["naive:majority"][0].metrics["acc@layer4"] == pytest.approx(0.5)
 
 
 def _detection(items):

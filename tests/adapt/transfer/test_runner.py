@@ -26,7 +26,17 @@ def test_run_transfer_includes_random_baseline(sets, pretrained, tmp_path):
                 ("detection", "mAP"), ("detection", "AP50"), ("segmentation", "mIoU"), ("segmentation", "pixel_acc"),
                 ("depth_zero_shot", "abs_rel"), ("depth_zero_shot", "delta1"), ("depth_finetune", "abs_rel"),
                 ("depth_finetune", "delta1")}
-    assert cells == {(label, *cell) for label in (RANDOM, "synthetic") for cell in expected}
+    assert {c for c in cells if not c[0].startswith("naive:")} == {(label, *cell) for label in (RANDOM, "synthetic")
+                                                                    for cell in expected}
+    # The naive rows fill the same columns (no network): classification, detection, segmentation, depth.
+    naive = {(label, *cell) for label in ("naive:majority", "naive:raw_pixels") for cell in expected
+             if cell[0] in ("linear_probe", "finetune")}
+    naive |= {("naive:prior_boxes", "detection", m) for m in ("mAP", "AP50")}
+    naive |= {("naive:location_prior", "segmentation", m) for m in ("mIoU", "pixel_acc")}
+    naive |= {(label, *cell) for label in ("naive:constant", "naive:ramp") for cell in expected
+              if cell[0].startswith("depth")}
+    assert {c for c in cells if c[0].startswith("naive:")} == naive
+    assert all(r.checkpoint == "naive" for r in rows if r.label.startswith("naive:"))
     assert all(r.seed == 0 and r.wall_s >= 0 for r in rows)
     assert read_results(tmp_path) == rows
     assert "| random |" in (tmp_path / "results.md").read_text()
@@ -44,8 +54,9 @@ def test_run_transfer_reads_each_checkpoint_once(sets, pretrained, monkeypatch):
     rows = run_transfer({"synthetic": path, "again": path.parent}, ["depth"], {"depth": {"test": sets.depth_pairs()}},
                         {"depth": {"size": 64}}, device="cpu")
     assert calls == [path, path]  # once per checkpoint entry: arch, backbone and depth head from one read
-    assert {(r.label, r.task) for r in rows} == {(label, "depth_zero_shot") for label in (RANDOM, "synthetic", "again")}
-    assert {r.budget for r in rows} == {"zero-shot,size=64"}
+    labels = (RANDOM, "synthetic", "again", "naive:constant", "naive:ramp")
+    assert {(r.label, r.task) for r in rows} == {(label, "depth_zero_shot") for label in labels}
+    assert {r.budget for r in rows if not r.label.startswith("naive:")} == {"zero-shot,size=64"}
 
 
 def test_run_transfer_names_missing_data_before_any_work(pretrained):
