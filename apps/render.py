@@ -8,7 +8,8 @@ folder is not the caller's), and the command exits 0 only when the dataset is co
 
 The cluster launcher configs size each job from the render settings through three resolvers registered here:
 ``${synth_cpus:${render.threads}}`` (CPUs per job: ``render.threads``, or :data:`CLUSTER_DEFAULT_CPUS` for 0),
-``${synth_gpus:${render.device}}`` (GPUs per job: 1 for ``gpu``, one per id for ``gpu:0,1``, else 0) and
+``${synth_gpus:${render.device}}`` (GPUs per job: 1 for ``gpu``, one per id for ``gpu:0,1``, else 0, or the
+second argument: ``${synth_gpus:${render.device},null}``) and
 ``${synth_activate:}`` (the shell line that activates this Python environment in a batch job).
 """
 
@@ -81,10 +82,12 @@ def job_cpus(threads: int | str) -> int:
     return int(threads) if int(threads) > 0 else CLUSTER_DEFAULT_CPUS
 
 
-def job_gpus(device: str) -> int:
-    """GPUs per cluster job for ``render.device``: 1 for ``gpu``, one per id for ``gpu:0,1``, 0 for cpu and auto."""
+def job_gpus(device: str, none: int | None = 0) -> int | None:
+    """GPUs per cluster job for ``render.device``: 1 for ``gpu``, one per id for ``gpu:0,1``, else ``none`` (0, or
+    null where a scheduler should get no GPU request at all: a ``--gpus-per-node=0`` is refused on clusters without
+    GPU resources)."""
     kind, ids = parse_render_device(device)
-    return 0 if kind != "gpu" else len(ids or [0])
+    return none if kind != "gpu" else len(ids or [0])
 
 
 def activate_line() -> str:
@@ -242,8 +245,6 @@ def command(args: list[str]) -> None:
     Raises:
         RunFailed: frames are still missing (one line naming the shards).
     """
-    # Rendering is always a sweep over shards: a -m from habit must not skip the completeness check below.
-    args = [a for a in args if a not in ("-m", "--multirun")]
     cfg = checked("synth_render", args, check_config)
     if cfg is None:
         run_hydra("synth_render", render_job, args)

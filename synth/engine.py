@@ -78,7 +78,8 @@ class TrainerSettings:
         sync_bn: Under DDP, turn the backbone's BatchNorm layers into ``SyncBatchNorm``, so batch statistics are
             computed over the global batch instead of each rank's share. Use it when the per-rank batch is small
             (under ~32 per GPU), or to make N processes train like one process on the whole batch; it costs a
-            collective per BatchNorm layer per step. No effect on one process.
+            collective per BatchNorm layer per step. No effect on one process; CUDA only (torch's SyncBatchNorm has
+            no CPU kernel: a CPU run under torchrun refuses it in one line).
         seed: Seeds the model initialisation and the data order.
     """
 
@@ -287,6 +288,9 @@ class Engine:
         self.rank, self.world = _distributed(self.device)
         self.amp_dtype = _amp_dtype(settings.amp, self.device)
         if settings.sync_bn and self.world > 1:  # before the optimizers are built over the parameters
+            if self.device.type != "cuda":
+                raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                                 "kernel); drop it for a CPU run")
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
         self.model = MultiTask(backbone, objectives).to(self.device)
         if settings.channels_last:

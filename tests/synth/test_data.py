@@ -24,10 +24,12 @@ from synth.constants import IMAGENET_MEAN, IMAGENET_STD
 from synth.data import (
     CorruptSample,
     FrameAugment,
+    LiveFrames,
     RenderedFrames,
     StepSampler,
     StreamingFrames,
     collate_frames,
+    held_out_scene,
 )
 from synth.frames import FRAME_FIELDS, read_frame
 
@@ -469,3 +471,39 @@ def test_streaming_draws_from_every_folder_and_skips_corrupt_frames(tmp_path, ca
 
     assert first_ids(0) != first_ids(1)
     assert first_ids(0) == first_ids(0)
+
+
+def _one_scene_per_frame(shard_dir: Path) -> None:
+    """Give every frame of a test shard its own scene (seed = frame id), index replaced atomically."""
+    records = [json.loads(line) for line in (shard_dir / "index.jsonl").read_text().splitlines()]
+    tmp = shard_dir / "index.jsonl.tmp"
+    tmp.write_text("".join(json.dumps({**r, "scene_seed": r["frame_id"]}) + "\n" for r in records))
+    os.replace(tmp, shard_dir / "index.jsonl")
+
+
+def test_streaming_uses_new_shards_within_seconds_and_never_trains_on_held_out_scenes(tmp_path):
+    root = tmp_path / "live"
+    _one_scene_per_frame(make_dataset(root, range(0, 6)))
+    stream = StreamingFrames(root, augment=FrameAugment(size=16), refresh_s=0.1, holdout=0.4, wait_s=0.01)
+    it = iter(stream)
+    seen = {next(it)["frame_id"].item() for _ in range(12)}
+    held = {i for i in range(6) if held_out_scene(i, 0.4)}
+    assert held and seen == set(range(6)) - held  # every training frame drawn early, no held-out one
+
+    _one_scene_per_frame(make_dataset(root, range(100, 106), shard=1))  # a shard lands while training runs
+    new = {i for i in range(100, 106) if not held_out_scene(i, 0.4)}
+    start, drawn = time.monotonic(), []
+    while not new <= set(drawn):
+        drawn.append(next(it)["frame_id"].item())
+        assert time.monotonic() - start < 5, f"new frames {new} not all drawn within 5 s: {drawn}"
+    assert not set(drawn) & {i for i in range(100, 106) if held_out_scene(i, 0.4)}
+    # Unused frames come first: the new shard is used up well before the old frames are drawn as often.
+    assert len(drawn) <= 4 * len(new) + 10
+
+    # The held-out side, re-scanned as the dataset grows (what evaluation reads).
+    live = LiveFrames(root, augment=FrameAugment(size=16, train=False), holdout=0.4)
+    assert sorted(r["frame_id"] for _, r in live.frames) == sorted(
+        i for i in [*range(6), *range(100, 106)] if held_out_scene(i, 0.4))
+    _one_scene_per_frame(make_dataset(root, range(200, 206), shard=2))
+    assert live.refresh() == len([i for i in [*range(6), *range(100, 106), *range(200, 206)]
+                                  if held_out_scene(i, 0.4)])
