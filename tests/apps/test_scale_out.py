@@ -118,13 +118,29 @@ def test_streaming_waits_for_a_render_then_trains_with_a_held_out_split(tmp_path
     writer = threading.Thread(target=render)
     writer.start()
     code = main(["pretrain", f"data.roots=[{root}]", "data.streaming=true", "data.refresh_s=0.2",
-                 "data.holdout=0.3", "objective=[depth]", "monitor=[domain_gap]", f"out_dir={tmp_path / 'run'}",
+                 "data.holdout=0.3", "objective=[depth]", "data.real=null", "monitor=[]", f"out_dir={tmp_path / 'run'}",
                  "trainer.steps=6", "trainer.eval_every=3", "trainer.image_every=0", *TINY])
     writer.join()
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and "eval/depth/abs_rel" in summary["eval"]
-    assert "gap/layer4/mmd_rbf" in summary["monitors"]  # built once enough frames had landed
+
+
+def test_a_monitor_without_enough_images_yet_warns_and_is_skipped_until_it_has_them(capsys):
+    from apps.pretrain import GapWhenReady
+
+    images = []
+
+    def build():  # as the domain-gap monitor: too few rendered images until the render has written 6
+        if len(images) < 6:
+            raise ValueError(f"DomainGapMonitor: synthetic_images needs at least 6 images, got {len(images)}")
+        return lambda backbone, step: {"gap/layer4/pad": 1.0}
+
+    monitor = GapWhenReady(build)
+    assert monitor(None, 3) == {}
+    assert "monitor domain_gap skipped at step 3" in capsys.readouterr().out
+    images.extend(range(6))
+    assert monitor(None, 6) == {"gap/layer4/pad": 1.0}
 
 
 def test_launcher_configs_size_jobs_from_the_render_settings():
@@ -295,7 +311,7 @@ def test_threads_devices_and_worker_lifetimes_do_not_change_a_datasets_identity(
         claim_manifest(tmp_path, dataset_manifest(sampler, RenderSettings(max_samples=32), seed=0, scenes_per_shard=5))
     assert parse_render_device("gpu:0,2") == ("gpu", [0, 2]) and parse_render_device("cpu") == ("cpu", None)
     for bad in ("cuda", "gpu:", "gpu:-1", "gpu:a"):
-        with pytest.raises(ValueError, match="render.device"):
+        with pytest.raises(ValueError, match=r"render\.device"):
             parse_render_device(bad)
-    with pytest.raises(ValueError, match="render.threads"):
+    with pytest.raises(ValueError, match=r"render\.threads"):
         RenderSettings(threads=-1)
