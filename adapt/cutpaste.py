@@ -10,7 +10,7 @@ drawings and clip-art among them are filtered out by :func:`find_photo_stamps`),
 category folders (:data:`STAMP_CLASSES`); the backgrounds are the real photographs and video frames of
 :func:`synth.real.offline_real_sources`. :func:`build_cutpaste` writes a COCO dataset per split;
 :class:`CutPasteDataset` and :class:`CutPasteSegmentation` read it back through the COCO readers of
-:mod:`adapt.datasets`.
+:mod:`adapt.datasets`; :class:`CutPasteObjects` crops its objects into a real-object classification set.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from adapt.datasets import CocoDetection, CocoSemantic, encode_rle, masks_to_boxes_exclusive
@@ -662,3 +663,78 @@ class CutPasteSegmentation(CocoSemantic):
     def __init__(self, root: str = "", split: str = "train"):
         super().__init__(images_dir=str(Path(root) / split / "images"),
                          annotation_file=str(Path(root) / split / "annotations.json"))
+
+
+class CutPasteObjects(torch.utils.data.Dataset):
+    r"""Every annotated object of one split of :func:`build_cutpaste`, cropped, as a classification set of real
+    photographed objects on real backgrounds (the object crops of Dwibedi et al., ICCV 2017).
+
+    Each object's box is enlarged by ``margin`` of its width and height on every side (so the crop shows some of
+    the background and the blended edge), clipped to the image, and resized to ``size`` x ``size`` (aspect ratio
+    not kept; area interpolation when shrinking, bilinear when enlarging). Objects whose box is under
+    ``min_side`` pixels wide or high are skipped. Occluded objects stay, with whatever the occluder leaves visible
+    (at most 75% hidden, :func:`build_cutpaste`'s ``max_occlusion``).
+
+    The split is BY OBJECT: :func:`build_cutpaste` gives each photographed object (stamp) and each background to
+    exactly one split, so the train and test crops never show the same object instance or the same background
+    photo: a classifier must recognise the category of an object it has never seen, not memorise the instance.
+
+    Args:
+        root: The ``out_dir`` of :func:`build_cutpaste`.
+        split: Split name.
+        size: Side of the crops in pixels.
+        margin: Share of the box's width (height) added on the left and right (top and bottom).
+        min_side: Smallest box width and height kept, in pixels.
+
+    Attributes:
+        classes: Category names, label ``i`` is ``classes[i]`` (the categories of the COCO file, in id order).
+        labels: :math:`(N,)` int64 label of each crop.
+        stamps: The stamp (object) name of each crop.
+
+    Shape:
+        - image: :math:`(3, \text{size}, \text{size})` float32 in [0, 1]; label: 0-dim int64.
+
+    Examples:
+        >>> build_cutpaste("data/cutpaste", size=128)
+        >>> train = CutPasteObjects(root="data/cutpaste", split="train", size=64)
+        >>> image, label = train[0]; train.classes[int(label)]
+    """
+
+    def __init__(self, root: str = "", split: str = "train", size: int = 64, margin: float = 0.15,
+                 min_side: int = 8):
+        if size < 1 or margin < 0 or min_side < 1:
+            raise ValueError(f"need size >= 1, margin >= 0, min_side >= 1; got size={size}, margin={margin}, "
+                             f"min_side={min_side}")
+        self.detection = CutPasteDataset(root=root, split=split)  # validates the COCO file
+        self.classes: list[str] = list(self.detection.categories)
+        self.size, self.margin, self.min_side = size, margin, min_side
+        label_of = {category_id: i for i, category_id in enumerate(self.detection.category_ids)}
+        coco = json.loads(self.detection.annotation_file.read_text())
+        index_of = {image["id"]: i for i, image in enumerate(self.detection.images)}
+        self.items: list[tuple[int, tuple[int, int, int, int]]] = []
+        labels, self.stamps = [], []
+        for annotation in sorted(coco["annotations"], key=lambda a: (index_of[a["image_id"]], a["id"])):
+            info = self.detection.images[index_of[annotation["image_id"]]]
+            x, y, w, h = annotation["bbox"]
+            if w < min_side or h < min_side or annotation.get("iscrowd", 0):
+                continue
+            dx, dy = margin * w, margin * h
+            box = (max(0, round(x - dx)), max(0, round(y - dy)),
+                   min(info["width"], round(x + w + dx)), min(info["height"], round(y + h + dy)))
+            self.items.append((index_of[annotation["image_id"]], box))
+            labels.append(label_of[annotation["category_id"]])
+            self.stamps.append(str(annotation.get("stamp", "")))
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_index, (x1, y1, x2, y2) = self.items[index]
+        info = self.detection.images[image_index]
+        rgb = read_image(self.detection.images_dir / info["file_name"])
+        crop = rgb[y1:y2, x1:x2]
+        shrink = crop.shape[0] * crop.shape[1] > self.size * self.size
+        crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        image = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
+        return image, torch.tensor(int(self.labels[index]), dtype=torch.int64)

@@ -6,6 +6,7 @@ Both read the ``classification`` data group: items ``(image (3, H, W) in [0, 1],
 
 import copy
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ class FinetuneBudget:
         weight_decay: AdamW's decoupled weight decay.
         warmup_steps: Linear warm-up steps; ``None``: a tenth of ``steps``, at most 100.
         grad_clip: Max global gradient norm (0 disables clipping).
+        label_fractions: Few-label fine-tuning: for each fraction :math:`f`, the same fine-tuning on a seeded,
+            class-stratified subset of the training split holding :math:`f` of each class (at least one image per
+            class; :func:`label_subset`), the same subset for random init and every checkpoint at one seed. Metric
+            ``accuracy`` when this is exactly ``(1.0,)``, else ``accuracy@<f>`` per fraction (``accuracy@0.01``,
+            ``accuracy@1``).
     """
 
     SHOWN: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "lr", "size")
@@ -71,6 +77,69 @@ class FinetuneBudget:
     weight_decay: float = 0.05
     warmup_steps: int | None = None
     grad_clip: float = 5.0
+    label_fractions: Sequence[float] = (1.0,)
+
+    def __post_init__(self) -> None:
+        fractions = list(self.label_fractions)
+        if not fractions or any(not 0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
+            raise ValueError(f"label_fractions={self.label_fractions!r}: need distinct fractions in (0, 1]")
+
+
+def fraction_metric(fraction: float) -> str:
+    """The metric name of a label fraction: ``accuracy@0.01``, ``accuracy@1``."""
+    return f"accuracy@{fraction:g}"
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """Every item's integer label, :math:`(N,)` int64: the dataset's ``labels`` when it has one of its length (no
+    image is read), else read item by item."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and len(labels) == len(dataset):
+        return np.asarray([int(label) for label in labels], dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+class LabelSubset(torch.utils.data.Dataset):
+    """Some items of a classification dataset, keeping its ``classes`` (and ``labels``, restricted).
+
+    Args:
+        dataset: Items ``(image, label)`` with ``classes``.
+        indices: The items kept, in this order.
+    """
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.classes = dataset.classes
+        self.labels = dataset_labels(dataset)[self.indices] if len(self.indices) else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def label_subset(dataset, fraction: float, seed: int = 0):
+    """A seeded, class-stratified share of a classification dataset: ``max(1, round(fraction * n_c))`` items of
+    each class :math:`c` with :math:`n_c` items (a :class:`LabelSubset` keeping ``classes``; ``fraction == 1``
+    returns ``dataset`` itself).
+
+    The items of a class are a prefix of one permutation of that class drawn from ``seed`` (the class's own
+    generator), so the subset depends only on the labels, the fraction and the seed: the same for random init,
+    every checkpoint and the naive rows, and the subsets of smaller fractions are contained in those of larger ones.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction}: need 0 < fraction <= 1")
+    if fraction == 1:
+        return dataset
+    labels = dataset_labels(dataset)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng([seed, int(label)]).permutation(len(members))
+        keep.append(members[order[:max(1, round(fraction * len(members)))]])
+    return LabelSubset(dataset, np.sort(np.concatenate(keep)) if keep else [])
 
 
 def _classification_collate(items: list, size: int | None) -> tuple[Tensor, Tensor]:
@@ -310,11 +379,20 @@ def _plot_stages(rows: Sequence[ResultRow], out_dir: str | os.PathLike) -> Path 
 
 def _run_finetune(context: TaskContext, budget: FinetuneBudget) -> list[Score]:
     train, test = context.splits("train", "test")
-    accuracy = finetune_classifier(context.backbone, train, test, steps=budget.steps, batch_size=budget.batch_size,
-                                   lr=budget.lr, seed=context.seed, device=context.device, size=budget.size,
-                                   weight_decay=budget.weight_decay, warmup_steps=budget.warmup_steps,
-                                   grad_clip=budget.grad_clip)
-    return [Score("finetune", {"accuracy": accuracy}, context.budget_text)]
+    fractions = list(budget.label_fractions)
+    scores = []
+    for fraction in fractions:
+        tic = time.perf_counter()
+        subset = label_subset(train, fraction, seed=context.seed)
+        accuracy = finetune_classifier(context.backbone, subset, test, steps=budget.steps,
+                                       batch_size=budget.batch_size, lr=budget.lr, seed=context.seed,
+                                       device=context.device, size=budget.size, weight_decay=budget.weight_decay,
+                                       warmup_steps=budget.warmup_steps, grad_clip=budget.grad_clip)
+        if fractions == [1.0]:
+            return [Score("finetune", {"accuracy": accuracy}, context.budget_text)]
+        scores.append(Score("finetune", {fraction_metric(fraction): accuracy},
+                            f"{context.budget_text},n_train={len(subset)}", wall_s=time.perf_counter() - tic))
+    return scores
 
 
 #: Layer-wise linear evaluation of frozen features (Gidaris et al., ICLR 2018; Ren & Lee, CVPR 2018).
@@ -329,13 +407,17 @@ __all__ = [
     "FINETUNE",
     "LINEAR_PROBE",
     "FinetuneBudget",
+    "LabelSubset",
     "LinearClassifier",
     "LinearProbeBudget",
     "build_classifier",
     "classification_features",
+    "dataset_labels",
     "evaluate_classifier",
     "finetune_classifier",
     "fit_linear_probe",
     "fit_linear_probes",
+    "fraction_metric",
+    "label_subset",
     "linear_probe",
 ]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapt.transfer.classification import fit_linear_probe
+from adapt.transfer.classification import dataset_labels, fit_linear_probe, label_subset
 from adapt.transfer.common import _resize
 from adapt.transfer.depth import _depth_item, median_scaled_depth_metrics
 from adapt.transfer.detection import evaluate_detection
@@ -64,7 +64,7 @@ def depth_baseline_metrics(pairs: Sequence, predictor) -> dict[str, float]:
 
 
 def _labels(dataset) -> np.ndarray:
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    return dataset_labels(dataset)
 
 
 def majority_accuracy(train_set, test_set) -> float:
@@ -145,16 +145,37 @@ def _columns(reference: Sequence) -> dict[str, list[str]]:
     return columns
 
 
+def _label_fraction(metric: str) -> float | None:
+    """The label fraction of a few-label fine-tuning metric ``accuracy@<f>``; ``None`` for any other metric."""
+    if not metric.startswith("accuracy@"):
+        return None
+    try:
+        return float(metric.removeprefix("accuracy@"))
+    except ValueError:
+        return None
+
+
 def classification_naive(data: Mapping, seed: int, reference: Sequence, raw_size: int = 16) -> dict[str, list[Score]]:
     """``naive:majority`` and ``naive:raw_pixels`` (a logistic-regression probe on ``raw_size``-pixel images), each
-    accuracy written into every accuracy column of the task (e.g. ``acc@<stage>`` for each stage of the probe)."""
+    accuracy written into every accuracy column of the task (e.g. ``acc@<stage>`` for each stage of the probe).
+
+    A few-label fine-tuning column ``accuracy@<f>`` gets both fit on the same class-stratified ``f`` share of the
+    training split that fine-tuning used (:func:`adapt.transfer.classification.label_subset` with ``seed``), so the
+    naive row faces the same labels; every other column (``accuracy``, ``acc@<stage>``) gets them fit on the whole
+    training split."""
     train, test = data["train"], data["test"]
-    accuracy = {f"{NAIVE}:majority": (majority_accuracy(train, test), "no learning"),
-                f"{NAIVE}:raw_pixels": (raw_pixel_probe(train, test, size=raw_size, seed=seed),
-                                        f"logistic regression on {raw_size}x{raw_size} pixels")}
-    return {label: [Score(task, dict.fromkeys(metrics, value), budget)
+    fractions = sorted({_label_fraction(metric) or 1.0 for metrics in _columns(reference).values()
+                        for metric in metrics} or {1.0})
+    accuracy: dict[str, dict[float, float]] = {f"{NAIVE}:majority": {}, f"{NAIVE}:raw_pixels": {}}
+    for fraction in fractions:
+        subset = label_subset(train, fraction, seed=seed)
+        accuracy[f"{NAIVE}:majority"][fraction] = majority_accuracy(subset, test)
+        accuracy[f"{NAIVE}:raw_pixels"][fraction] = raw_pixel_probe(subset, test, size=raw_size, seed=seed)
+    budgets = {f"{NAIVE}:majority": "no learning",
+               f"{NAIVE}:raw_pixels": f"logistic regression on {raw_size}x{raw_size} pixels"}
+    return {label: [Score(task, {metric: values[_label_fraction(metric) or 1.0] for metric in metrics}, budgets[label])
                     for task, metrics in _columns(reference).items()]
-            for label, (value, budget) in accuracy.items()}
+            for label, values in accuracy.items()}
 
 
 def depth_naive(data: Mapping, seed: int, reference: Sequence) -> dict[str, list[Score]]:

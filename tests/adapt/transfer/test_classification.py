@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from adapt.transfer import finetune_classifier, fit_linear_probe, fit_linear_probes, linear_probe
 from synth.backbone import Backbone
@@ -42,3 +43,39 @@ def test_finetune_classifier_runs(sets):
                                    batch_size=4, lr=1e-3, size=32)
     assert 0.0 <= accuracy <= 1.0
 
+
+
+def test_label_subset_is_stratified_seeded_and_nested(sets):
+    from adapt.transfer.classification import LabelSubset, label_subset
+
+    full = sets.ColourSet(40, seed=0)  # 20 red, 20 blue
+    assert label_subset(full, 1.0, seed=3) is full
+    small, large = label_subset(full, 0.1, seed=3), label_subset(full, 0.5, seed=3)
+    assert isinstance(small, LabelSubset) and small.classes == full.classes
+    assert sorted(small.labels.tolist()) == [0, 0, 1, 1] and len(large) == 20
+    assert [int(small[i][1]) for i in range(len(small))] == small.labels.tolist()
+    assert set(small.indices) <= set(large.indices)  # a prefix of one permutation per class
+    assert small.indices == label_subset(full, 0.1, seed=3).indices  # the same for every checkpoint at a seed
+    assert small.indices != label_subset(full, 0.1, seed=4).indices
+    tiny = label_subset(full, 0.001, seed=0)
+    assert sorted(tiny.labels.tolist()) == [0, 1]  # at least one image per class
+    with pytest.raises(ValueError, match="label fraction"):
+        label_subset(full, 0.0)
+
+
+def test_finetune_label_fractions_metrics(sets):
+    from adapt.transfer.classification import FINETUNE
+    from adapt.transfer.task import TaskContext, make_budget
+
+    context = TaskContext(label="random", backbone=Backbone("resnet18"), checkpoint=None, arch="resnet18",
+                          data={"train": sets.ColourSet(20, seed=0), "test": sets.ColourSet(4, seed=1)},
+                          group="classification", seed=0, device=torch.device("cpu"), budget_text="steps=1")
+    default = FINETUNE.run(context, make_budget(FINETUNE, {"steps": 1, "batch_size": 4}))
+    assert [list(score.metrics) for score in default] == [["accuracy"]]
+    scores = FINETUNE.run(context, make_budget(FINETUNE, {"steps": 1, "batch_size": 4,
+                                                          "label_fractions": [0.1, 1.0]}))
+    assert [list(score.metrics) for score in scores] == [["accuracy@0.1"], ["accuracy@1"]]
+    assert [score.budget for score in scores] == ["steps=1,n_train=2", "steps=1,n_train=20"]
+    for bad in ([], [0.0], [1.5], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="label_fractions"):
+            make_budget(FINETUNE, {"label_fractions": bad})

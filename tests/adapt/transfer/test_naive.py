@@ -100,3 +100,23 @@ def test_location_prior_by_hand():
     test = _Items([(torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.int64))])
     (prediction,) = location_prior_segmentation(train, test, num_classes=3, size=2)
     assert prediction.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_classification_naive_few_label_columns_fit_on_the_same_subset():
+    from adapt.transfer.classification import label_subset
+
+    # Class 0 is dark, 1 bright; 2 is the most frequent class of the whole training split, so the majority of
+    # the full split and of a 1-per-class subset (ties: smallest label) differ.
+    labels = [0] * 10 + [1] * 10 + [2] * 30
+    values = [0.0] * 10 + [1.0] * 10 + [0.5] * 30
+    train, test = _classification(labels, values), _classification([0, 1, 1, 1], [0.0, 1.0, 1.0, 1.0])
+    reference = [ResultRow(checkpoint="random", label="random", task="finetune", metric=metric, value=0.5, seed=0,
+                           budget="", wall_s=0.0) for metric in ("accuracy@0.01", "accuracy@1")]
+    scores = classification_naive({"train": train, "test": test}, seed=7, reference=reference)
+    majority = scores["naive:majority"][0].metrics
+    assert majority == {"accuracy@0.01": pytest.approx(1 / 4), "accuracy@1": pytest.approx(0.0)}
+    subset = label_subset(train, 0.01, seed=7)
+    assert len(subset) == 3
+    raw = scores["naive:raw_pixels"][0].metrics
+    assert raw["accuracy@0.01"] == raw_pixel_probe(subset, test, seed=7)
+    assert raw["accuracy@1"] == raw_pixel_probe(train, test, seed=7)
