@@ -1,11 +1,18 @@
-"""``synth experiment=...``: render once, pretrain every arm for every seed, transfer, one results table.
+"""``synth experiment=...``: render, pretrain every arm for every seed, transfer, one results table and curves.
 
 It composes its own config (``configs/synth_experiment.yaml`` with an ``experiment/`` file), then runs the
-``synth render`` app and the pretrain and transfer jobs with overrides derived from it, so every stage is exactly
-what the single-stage commands would run, and each stage's output is reused on a rerun (a render resumes by shard, a
-pretraining run by checkpoint, a finished transfer by its completion mark).
+``synth render`` app (the main dataset and any named extra ``datasets``), the ``stages`` (other ``synth`` commands,
+e.g. training and applying an image translator), and the pretrain and transfer jobs with overrides derived from
+it, so every stage is exactly what the single-stage commands would run, and each stage's output is reused on a rerun
+(a render resumes by shard, a pretraining run by checkpoint, a finished transfer by its completion mark).
+
+In arm, stage and dataset overrides, ``{out}`` is the experiment folder, ``{data}`` the main dataset and
+``{data:NAME}`` the extra dataset ``NAME``. Every table holds random init and the naive rows, and ``results.md``
+judges each arm against both (paired by seed; a gain only beyond twice the spread). ``curves`` adds the main metric
+against pretraining steps and against rendered frames, for one arm, with the spread over seeds (``curves.png``).
 """
 
+import importlib
 import json
 import statistics
 import time
@@ -16,7 +23,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from adapt.transfer import ResultRow, format_table, read_results, write_results
+from adapt.transfer import ResultRow, format_comparison, format_table, read_results, write_results
+from adapt.transfer.results import compare, higher_is_better, is_baseline, is_naive
 from apps.launch import UsageError, checked, compose, run_hydra
 from apps.pretrain import build_engine
 from apps.render import command as render_command
@@ -24,6 +32,26 @@ from apps.transfer import check_config as check_transfer
 from apps.transfer import transfer_job
 from synth.io import atomic_write_json, atomic_write_text
 from synth.plots import save_figure
+
+
+@dataclass
+class CurveSettings:
+    """Scaling curves of one arm on one metric (``curves.png``, ``curves.md``).
+
+    Args:
+        arm: The arm whose budget is varied (its overrides, then ``trainer.steps=N`` or ``data.max_frames=N``).
+        metric: The ``task/metric`` column plotted (e.g. ``finetune/accuracy@0.1``).
+        steps: Pretraining steps, log-spaced (0 is random init: the curve's first point).
+        frames: Rendered training frames.
+        transfer: ``synth transfer`` overrides of the curve points (e.g. only the task of ``metric``), after the
+            experiment's own.
+    """
+
+    arm: str = "synthetic"
+    metric: str = "linear_probe/acc@layer4"
+    steps: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
+    transfer: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -37,6 +65,11 @@ class ExperimentApp:
         seeds: Each arm is pretrained and transferred once per seed.
         pretrain: ``synth pretrain`` overrides shared by every arm (the budget).
         transfer: ``synth transfer`` overrides shared by every arm.
+        datasets: ``{name: synth render overrides}``: extra datasets (e.g. a realistic scene family), rendered into
+            ``{out}/data_<name>`` and named ``{data:<name>}`` in overrides.
+        stages: ``{name: [command, key=value, ...]}``: other ``synth`` commands run once, in order, after rendering
+            and before pretraining (e.g. ``adapt-images`` to train a translator and write a translated dataset).
+        curves: Scaling curves (:class:`CurveSettings`); null for none.
         out_dir: Everything goes here; a rerun skips what is done.
     """
 
@@ -46,6 +79,9 @@ class ExperimentApp:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     pretrain: list[str] = field(default_factory=list)
     transfer: list[str] = field(default_factory=list)
+    datasets: dict[str, list[str]] = field(default_factory=dict)
+    stages: dict[str, list[str]] = field(default_factory=dict)
+    curves: CurveSettings | None = None
     out_dir: str = "runs/experiment"
 
 
@@ -110,34 +146,95 @@ def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
     return keep
 
 
-def run_experiment(cfg: DictConfig) -> list[ResultRow]:
-    """Render once, pretrain every arm for every seed, transfer all of a seed's checkpoints together, tabulate."""
+def _expand(overrides, out: Path) -> list[str]:
+    """``{out}``, ``{data}`` and ``{data:NAME}`` replaced by the experiment's folders."""
+    def one(text: str) -> str:
+        text = str(text).replace("{out}", str(out)).replace("{data}", str(out / "data"))
+        while "{data:" in text:
+            start = text.index("{data:")
+            end = text.index("}", start)
+            text = text[:start] + str(out / f"data_{text[start + 6:end]}") + text[end + 1:]
+        return text
+
+    return [one(o) for o in (overrides or [])]
+
+
+def _curve_arms(cfg: DictConfig) -> dict[str, list[str]]:
+    """The arms of the scaling curves: the curve arm at each step budget and each frame count."""
+    if cfg.curves is None:
+        return {}
+    base = list(cfg.arms[cfg.curves.arm])
+    arms = {f"{cfg.curves.arm}_steps{n}": [*base, f"trainer.steps={n}"] for n in cfg.curves.steps if n > 0}
+    arms |= {f"{cfg.curves.arm}_frames{n}": [*base, f"data.max_frames={n}"] for n in cfg.curves.frames}
+    return arms
+
+
+def _pretrain(out: Path, arm: str, seed: int, overrides: list[str], cfg: DictConfig) -> tuple[str, dict]:
+    run = out / "pretrain" / arm / f"seed{seed}"
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        print(f"\n== pretrain {arm} (seed {seed}) -> {run}")
+        build_engine(compose("synth_pretrain", [f"data.roots=[{out / 'data'}]", f"out_dir={run}",
+                                                f"trainer.seed={seed}", *_expand(cfg.pretrain, out),
+                                                *_expand(overrides, out)])).fit()
+    return str(run), json.loads(summary_path.read_text())
+
+
+def _transfer(results: Path, seed: int, checkpoints: dict, overrides: list[str]) -> list[ResultRow]:
+    done = results / "complete.json"  # results.csv is rewritten after each checkpoint: not a completion mark
+    if not done.exists():
+        print(f"\n== transfer seed {seed}: {', '.join(['random', *checkpoints])}")
+        transfer_job(compose("synth_transfer", [f"out_dir={results}", f"seed={seed}", *overrides,
+                                                *(f"+checkpoints.{k}={v}" for k, v in checkpoints.items())]))
+        atomic_write_json(done, {"checkpoints": checkpoints})
+    return read_results(results / "results.csv")
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Render the main and extra datasets, then run the stages (each once: a completion mark per stage)."""
     out = Path(cfg.out_dir)
-    data = out / "data"
+    render_command([f"out_dir={out / 'data'}", *_expand(cfg.render, out)])
+    for name, overrides in cfg.datasets.items():
+        render_command([f"out_dir={out / f'data_{name}'}", *_expand(overrides, out)])
+    for name, stage in cfg.stages.items():
+        mark = out / "stages" / f"{name}.done"
+        if mark.exists():
+            continue
+        command, *args = _expand(stage, out)
+        print(f"\n== stage {name}: synth {command} {' '.join(args)}")
+        if command not in STAGE_COMMANDS:
+            raise ValueError(f"stages.{name}: unknown command {command!r}; expected one of {sorted(STAGE_COMMANDS)}")
+        importlib.import_module(STAGE_COMMANDS[command]).command(args)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(mark, " ".join(stage) + "\n")
+
+
+#: Commands a stage may run (the CLI's, less those that would recurse).
+STAGE_COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfer": "apps.transfer",
+                  "adapt-images": "apps.adapt_images", "pack": "apps.pack"}
+
+
+def run_experiment(cfg: DictConfig) -> list[ResultRow]:
+    """Render, run the stages, pretrain every arm for every seed, transfer all of a seed's checkpoints together
+    (with random init and the naive rows), tabulate, judge every arm, and draw the curves."""
+    out = Path(cfg.out_dir)
     tic = time.perf_counter()
-    render_command([f"out_dir={data}", *cfg.render])
+    prepare(cfg)
     rows: list[ResultRow] = []
+    curve_rows: list[ResultRow] = []
     for seed in cfg.seeds:
         checkpoints = {}
         for arm, overrides in cfg.arms.items():
             if overrides is None:
                 continue  # random initialisation: the transfer baseline
-            run = out / "pretrain" / arm / f"seed{seed}"
-            summary_path = run / "summary.json"
-            if not summary_path.exists():
-                print(f"\n== pretrain {arm} (seed {seed}) -> {run}")
-                build_engine(compose("synth_pretrain", [f"data.roots=[{data}]", f"out_dir={run}",
-                                                        f"trainer.seed={seed}", *cfg.pretrain, *overrides])).fit()
-            rows += _summary_rows(json.loads(summary_path.read_text()), arm, seed)
-            checkpoints[arm] = str(run)
-        results = out / "transfer" / f"seed{seed}"
-        done = results / "complete.json"  # results.csv is rewritten after each checkpoint: not a completion mark
-        if not done.exists():
-            print(f"\n== transfer seed {seed}: {', '.join(['random', *checkpoints])}")
-            transfer_job(compose("synth_transfer", [f"out_dir={results}", f"seed={seed}", *cfg.transfer,
-                                                    *(f"+checkpoints.{k}={v}" for k, v in checkpoints.items())]))
-            atomic_write_json(done, {"checkpoints": checkpoints})
-        rows += read_results(results / "results.csv")
+            checkpoints[arm], summary = _pretrain(out, arm, seed, overrides, cfg)
+            rows += _summary_rows(summary, arm, seed)
+        rows += _transfer(out / "transfer" / f"seed{seed}", seed, checkpoints, _expand(cfg.transfer, out))
+        curve_points = {arm: _pretrain(out, arm, seed, overrides, cfg)[0]
+                        for arm, overrides in _curve_arms(cfg).items()}
+        if curve_points:
+            curve_rows += _transfer(out / "curves" / f"seed{seed}", seed, curve_points,
+                                    [*_expand(cfg.transfer, out), *_expand(cfg.curves.transfer, out)])
     write_results(rows, out)  # every number: every stage, every gap measure
     atomic_write_text(out / "results_full.md", format_table(rows) + "\n")
     headline = headline_rows(rows)
@@ -146,19 +243,100 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     minutes = (time.perf_counter() - tic) / 60
     header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds (mean ± sd over seeds; in brackets the "
               f"difference to random init)\n\nwall time of this invocation: {minutes:.1f} min\n\n")
-    atomic_write_text(out / "results.md", header + table + "\n")
-    print(f"\n{header}{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'ablation.png'}")
-    return rows
+    transfer_rows = [r for r in headline if r.task not in ("gap", "knn_probe")]  # measured in pretraining
+    verdicts = compare(transfer_rows)
+    judged = ("\n\nEach arm against random init and the best naive row, paired by seed (> 0 is better; a gain "
+              "only where both differences exceed twice their sd):\n\n" + format_comparison(transfer_rows)
+              + f"\n\ngains: {sum(c.gain for c in verdicts)} of {len(verdicts)} arm x column cells")
+    atomic_write_text(out / "results.md", header + table + judged + "\n")
+    written = [out / "results.md", out / "results.csv", out / "ablation.png"]
+    if curve_rows:
+        write_results(curve_rows, out / "curves")
+        written += [plot_curves(cfg, rows + curve_rows, out / "curves.png")]
+    print(f"\n{header}{table}{judged}\n\nwritten: {', '.join(map(str, written))}")
+    return rows + curve_rows
+
+
+def curve_points(cfg: DictConfig, rows: list[ResultRow], kind: str) -> list[tuple[int, list[float]]]:
+    """``[(x, [value per seed]), ...]`` of the curve arm on ``cfg.curves.metric``: x pretraining steps (0 = random
+    init, the full budget = the arm itself) or training frames (the full set = the arm itself)."""
+    column = cfg.curves.metric
+    arm = cfg.curves.arm
+
+    def values(label: str) -> list[float]:
+        return [r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column]
+
+    points = []
+    if kind == "steps":
+        points.append((0, values("random")))
+        points += [(n, values(f"{arm}_steps{n}")) for n in cfg.curves.steps if n > 0]
+        full = next((o for o in [*cfg.pretrain, *cfg.arms[arm]] if str(o).startswith("trainer.steps=")), None)
+        if full is not None:
+            points.append((int(str(full).split("=")[1]), values(arm)))
+    else:
+        points += [(n, values(f"{arm}_frames{n}")) for n in cfg.curves.frames]
+    return sorted((x, v) for x, v in points if v)
+
+
+def plot_curves(cfg: DictConfig, rows: list[ResultRow], path: Path) -> Path:
+    """Two panels: the main metric against pretraining steps and against rendered frames (mean ± sd over seeds),
+    with random init and the best naive row as horizontal bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    column = cfg.curves.metric
+    sign = 1.0 if higher_is_better(column.split("/", 1)[1]) else -1.0
+    naive = {r.label for r in rows if is_naive(r.label) and f"{r.task}/{r.metric}" == column}
+    best = max(naive, key=lambda label: sign * statistics.fmean(
+        r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column), default=None)
+    references = {"random init": [r.value for r in rows if is_baseline(r.label) and f"{r.task}/{r.metric}" == column]}
+    if best:
+        references[best] = [r.value for r in rows if r.label == best and f"{r.task}/{r.metric}" == column]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind, xlabel in zip(axes, ("steps", "frames"), ("pretraining steps", "rendered training frames"),
+                                strict=True):
+        points = curve_points(cfg, rows, kind)
+        for (name, values), colour in zip(references.items(), ("0.5", "C3"), strict=False):
+            if values:
+                mean, sd = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+                ax.axhline(mean, color=colour, linestyle="--", label=name)
+                ax.axhspan(mean - sd, mean + sd, color=colour, alpha=0.15)
+        if points:
+            xs = [x for x, _ in points]
+            means = [statistics.fmean(v) for _, v in points]
+            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, color="C0", label=cfg.curves.arm)
+            if len(xs) > 1 and max(xs) >= 10 * max(1, min(x for x in xs if x > 0) if any(xs) else 1):
+                ax.set_xscale("symlog", linthresh=max(1, min((x for x in xs if x > 0), default=1)))  # 0 included
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def check_experiment(cfg: DictConfig) -> None:
     """Compose every arm's pretraining config and the transfer config (a typo fails before any work)."""
-    for overrides in cfg.arms.values():
+    out = Path(cfg.out_dir)
+    if cfg.curves is not None and cfg.curves.arm not in cfg.arms:
+        raise ValueError(f"curves.arm={cfg.curves.arm!r} is not an arm; expected one of {sorted(cfg.arms)}")
+    if cfg.curves is not None and (cfg.arms[cfg.curves.arm] is None or any(n < 0 for n in cfg.curves.steps)
+                                   or any(n < 1 for n in cfg.curves.frames)):
+        raise ValueError("curves: the arm must be pretrained, steps >= 0 and frames >= 1")
+    for name, stage in cfg.stages.items():
+        if not stage or stage[0] not in STAGE_COMMANDS:
+            raise ValueError(f"stages.{name}: expected [command, key=value, ...] with a command among "
+                             f"{sorted(STAGE_COMMANDS)}, got {list(stage)}")
+    for overrides in [*cfg.arms.values(), *_curve_arms(cfg).values()]:
         if overrides is not None:
-            compose("synth_pretrain", [f"data.roots=[{Path(cfg.out_dir) / 'data'}]", *cfg.pretrain, *overrides])
-    check_transfer(compose("synth_transfer", list(cfg.transfer)))
+            compose("synth_pretrain", [f"data.roots=[{out / 'data'}]", *_expand(cfg.pretrain, out),
+                                       *_expand(overrides, out)])
+    check_transfer(compose("synth_transfer", _expand(cfg.transfer, out)))
     if not cfg.seeds:
         raise ValueError("seeds is empty")
+
 
 
 def command(args: list[str]) -> None:

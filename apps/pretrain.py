@@ -60,6 +60,8 @@ class SyntheticData:
             augmented per batch on the training device by :class:`synth.batch_augment.BatchAugment`, about 15x
             less loader CPU per sample); every shard must have an up-to-date pack. Off by default, so a run and its
             resumption always read the same path. Streaming mode reads HDF5 frames either way.
+        max_frames: Train on the first this many training frames only (in frame order, so whole scenes first); the
+            held-out split is unchanged. For curves of a metric against the number of rendered frames. None: all.
         augment: The ``data/augment`` group (:class:`synth.data.FrameAugment`).
         real: The ``data/real`` group: real, unlabelled images (:class:`synth.real.RealImages` plus the
             ``holdout`` fraction kept for evaluation and the domain-gap measure).
@@ -71,6 +73,7 @@ class SyntheticData:
     refresh_s: float = 2.0
     verify: bool = False
     packed: bool = False
+    max_frames: int | None = None
     augment: Any = MISSING
     real: Any = None
 
@@ -174,12 +177,17 @@ def build_engine(cfg: DictConfig) -> Engine:
             else:
                 pool = RenderedFrames(list(data.roots), augment=augment, seed=trainer.seed, verify=data.verify)
             train, held = split_by_scene(pool, data.holdout)
+            measured = train  # the gap is measured on every frame, whatever max_frames trains on
+            if data.max_frames is not None:
+                if data.max_frames < 1:
+                    raise ValueError(f"data.max_frames must be >= 1 or null, got {data.max_frames}")
+                train = train[:data.max_frames]
             if trains:
                 datasets["synthetic"] = pool.subset(train)
                 if held:
                     eval_datasets["synthetic"] = pool.subset(held, augment=eval_augment)
             measure["synthetic"] = [pool.subset(held, augment=eval_augment) if held else None,
-                                    pool.subset(train, augment=eval_augment)]
+                                    pool.subset(measured, augment=eval_augment)]
     if any("real" in o.domains for o in objectives.values()) or gap:
         trains = any("real" in o.domains for o in objectives.values())
         if data.real is None:

@@ -1,14 +1,15 @@
 """`synth demo` end to end at the smallest scale, and the experiment runner's table and chart."""
 
 import csv
+import statistics
 
 import cv2
 import pytest
 
-from adapt.transfer import ResultRow
+from adapt.transfer import ResultRow, compare, read_results
 from apps.cli import main
 from apps.demo import demo_overrides
-from apps.experiment import bar_chart, check_experiment
+from apps.experiment import bar_chart, check_experiment, curve_points, headline_rows
 from apps.launch import compose
 
 
@@ -83,3 +84,47 @@ def test_bar_chart_has_mean_and_spread_over_seeds(tmp_path):
             for s, v in enumerate(values)]
     path = bar_chart(rows, tmp_path / "chart.png", ["detection/mAP"])
     assert cv2.imread(str(path)) is not None
+
+
+@pytest.mark.slow
+def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
+    """`synth experiment=smoke`: two datasets, a translator stage, 3 arms x 2 seeds, both curves; every artefact,
+    and the judged statistics equal a recomputation from results.csv."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "smoke"
+    assert main(["experiment=smoke", f"out_dir={out}"]) == 0
+    for artefact in ["results.md", "results.csv", "results_full.md", "ablation.png", "curves.png",
+                     "curves/results.csv", "data_translated/dataset.json", "stages/translated.done"]:
+        assert (out / artefact).exists(), artefact
+    rows = read_results(out / "results.csv")
+    labels = {r.label for r in rows}
+    assert {"random", "synthetic", "rotation_gan", "translated", "naive:ramp", "naive:raw_pixels"} <= labels
+    assert {r.seed for r in rows} == {0, 1}
+
+    # Recompute the depth comparison of one arm by hand from the csv: mean, sd, paired differences.
+    def value(label, seed):
+        (v,) = [r.value for r in rows if r.label == label and r.seed == seed and r.task == "depth_zero_shot"
+                and r.metric == "abs_rel"]
+        return v
+
+    arm = [value("synthetic", s) for s in (0, 1)]
+    vs_random = [value("random", s) - a for s, a in zip((0, 1), arm, strict=True)]  # lower is better: flipped
+    vs_ramp = [value("naive:ramp", s) - a for s, a in zip((0, 1), arm, strict=True)]
+    (judged,) = [c for c in compare(headline_rows(rows))
+                 if c.label == "synthetic" and c.column == "depth_zero_shot/abs_rel"]
+    assert judged.mean == pytest.approx(statistics.fmean(arm)) and judged.sd == pytest.approx(statistics.stdev(arm))
+    assert judged.vs_random == pytest.approx(statistics.fmean(vs_random))
+    assert judged.vs_random_sd == pytest.approx(statistics.stdev(vs_random))
+    assert judged.best_naive == "naive:ramp" and judged.vs_naive == pytest.approx(statistics.fmean(vs_ramp))
+    assert judged.gain == (all(d > 0 for d in (judged.vs_random, judged.vs_naive))
+                           and judged.vs_random > 2 * judged.vs_random_sd and judged.vs_naive > 2 * judged.vs_naive_sd)
+    text = (out / "results.md").read_text()
+    assert "| synthetic | depth_zero_shot/abs_rel | 2 |" in text and "gains:" in text
+    # The curve points: steps (0 = random, 1, 3 = the arm) and frames (2), each over both seeds.
+    cfg = compose("synth_experiment", ["experiment=smoke", f"out_dir={out}"])
+    curve_rows = rows + read_results(out / "curves" / "results.csv")
+    assert [x for x, _ in curve_points(cfg, curve_rows, "steps")] == [0, 1, 3]
+    assert all(len(v) == 2 for _, v in curve_points(cfg, curve_rows, "steps"))
+    assert [x for x, _ in curve_points(cfg, curve_rows, "frames")] == [2]
+    # A rerun finds everything done.
+    assert main(["experiment=smoke", f"out_dir={out}"]) == 0
