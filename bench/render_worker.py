@@ -31,7 +31,7 @@ The colours ``render_shard`` stored are compared with the bare loop's PNGs: same
 give identical pixels, and a difference (printed as a WARNING) means the two timings are not of the same
 render.
 
-Cycles timings vary about ±50% between runs on a busy machine (see DESIGN.md); ``--repeats`` renders each
+Cycles timings vary about ±50% between runs on a busy machine; ``--repeats`` renders each
 way several times in rotated order and compares the medians. The CPU seconds (user + sys) of this process and
 its children are printed beside the wall times: they suffer less from other load on the machine.
 

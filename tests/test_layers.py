@@ -1,4 +1,4 @@
-"""The layering of DESIGN's table, checked on the source with ``ast``: no upward import, no cycle between files.
+"""The layering of the README's "How it works" table, checked on the source with ``ast``: no upward import, no cycle.
 
 Layers, lowest first: ``synth`` (foundation) < ``render``, ``pretext`` (libraries) < ``adapt`` < ``apps``. A package
 imports only packages of lower layers (and itself); ``bench`` and ``tests`` sit outside. Every import counts,
