@@ -33,7 +33,8 @@ from render.shard import LOCKED, n_shards, render_shard, shard_scenes
 from render.worker import RenderSettings, parse_render_device
 from synth.config import register
 from synth.frames import read_index
-from synth.sampling import FurnishedRoomScene, RoomScene, ScannedTabletopScene, TabletopScene
+from synth.realistic import FurnishedRoomScene, ScannedTabletopScene
+from synth.sampling import RoomScene, TabletopScene
 
 
 @dataclass

@@ -20,7 +20,8 @@ from render_worker import NO_RECYCLING, RssSampler, run_ours  # bench/render_wor
 
 
 def samplers(views: int) -> dict:
-    from synth.sampling import FurnishedRoomScene, RoomScene, ScannedTabletopScene, TabletopScene
+    from synth.realistic import FurnishedRoomScene, ScannedTabletopScene
+    from synth.sampling import RoomScene, TabletopScene
 
     return {"primitives_tabletop": TabletopScene(views=views), "tabletop": ScannedTabletopScene(views=views),
             "primitives_room": RoomScene(views=views), "room": FurnishedRoomScene(views=views)}

@@ -1,5 +1,8 @@
 """Generative objectives on real unlabelled images: colorization and context-encoder inpainting.
 
+(About 800 lines, kept in one module on purpose: the two objectives share the masking, Lab conversion and decoder
+plumbing below, and the tests exercise them together.)
+
 Both hide part of a real photo from the encoder and train it, with a decoder, to predict what was hidden: the
 colour of a grey image (Zhang, Isola & Efros, "Colorful Image Colorization", ECCV 2016) or a masked region
 (Pathak et al., "Context Encoders: Feature Learning by Inpainting", CVPR 2016). They need no labels, so they run

@@ -54,4 +54,4 @@ def test_unknown_command_and_help():
 def test_print_config_goes_through_hydra(tmp_path):
     result = subprocess.run([sys.executable, "-m", "apps.cli", "render", "--cfg", "job", "scene=room"],
                             cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert "_target_: synth.sampling.FurnishedRoomScene" in result.stdout
+    assert "_target_: synth.realistic.FurnishedRoomScene" in result.stdout

@@ -171,7 +171,7 @@ def _installed(*sources):
 
 def test_scanned_tabletop_same_seed_same_spec_and_real_assets():
     _installed("gso", "sweethome3d", "blender_hdri", "libero_textures")
-    from synth.sampling import ScannedTabletopScene
+    from synth.realistic import ScannedTabletopScene
 
     sampler = ScannedTabletopScene()
     a, b, c = (sampler.sample(np.random.default_rng(s), width=64, height=64, seed=s) for s in (4, 4, 5))
@@ -184,7 +184,7 @@ def test_scanned_tabletop_same_seed_same_spec_and_real_assets():
 
 def test_furnished_room_furniture_stands_inside_the_room_without_overlap():
     _installed("sweethome3d", "gso", "libero_textures", "wallpapers")
-    from synth.sampling import FurnishedRoomScene, _yawed
+    from synth.realistic import FurnishedRoomScene, _yawed
 
     sampler = FurnishedRoomScene()
     for seed in range(8):
