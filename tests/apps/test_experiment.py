@@ -69,7 +69,7 @@ def test_experiment_arms_compose_and_bad_arm_override_is_reported(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["ablation", "ablation_gpu", "smoke"])
+@pytest.mark.parametrize("name", ["ablation", "ablation_gpu", "smoke", "proof", "proof_gpu"])
 def test_every_shipped_experiment_passes_its_check(name):
     # Composes every arm's pretraining config and the transfer config, as `synth experiment=NAME` does first.
     cfg = compose("synth_experiment", [f"experiment={name}"])
