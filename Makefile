@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PINS)
-	$(BIN)/pip install -q -e '.[dev]' $(PINS)
+	$(BIN)/pip install -q -e '.[dev,slurm]' $(PINS)
 	$(BIN)/pip install -q --no-deps $(ASSET_WHEELS)
 	$(BIN)/pip uninstall -q -y triton || true
 	touch $(STAMP)
