@@ -326,7 +326,42 @@ def _load(shard_dir: Path, record: dict, verify: bool) -> dict | CorruptSample:
         return CorruptSample(path)
 
 
-class RenderedFrames(torch.utils.data.Dataset):
+class FramePool(torch.utils.data.Dataset):
+    """What every fixed pool of rendered frames shares: ``frames`` (shard folder, index record) in order, an
+    ``augment``, views restricted to some indices, and each frame's file."""
+
+    frames: list[tuple[Path, dict]]
+    augment: "FrameAugment"
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def subset(self, indices: Sequence[int], augment: "FrameAugment | None" = None) -> "FramePool":
+        """The same dataset restricted to ``indices`` (e.g. a train/held-out split), re-indexed from 0.
+
+        Use this rather than ``torch.utils.data.Subset``, which only accepts plain int keys and so breaks on the
+        ``(index, sample_seed)`` keys of :class:`StepSampler`.
+        """
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.frames = [self.frames[i] for i in indices]
+        if augment is not None:  # e.g. the held-out side of a split, without augmentation
+            view.augment = augment
+        if not view.frames:
+            raise ValueError("empty subset")
+        view._restrict(indices)
+        return view
+
+    def _restrict(self, indices: Sequence[int]) -> None:
+        """Hook for subclasses keeping per-frame state beside ``frames`` (called on the new view)."""
+
+    def path(self, index: int) -> Path:
+        """File of frame ``index`` (its HDF5 frame)."""
+        shard_dir, record = self.frames[index]
+        return shard_dir / record["file"]
+
+
+class RenderedFrames(FramePool):
     """Fixed pool: the complete frames of one or more dataset folders at construction time (reproducible).
 
     Frames are ordered folder by folder, then by frame id. Frames rendered later are not seen: rebuild the
@@ -350,29 +385,6 @@ class RenderedFrames(torch.utils.data.Dataset):
         self.frames = _scan(self.roots)
         if not self.frames:
             raise ValueError(f"no complete frames in {', '.join(map(str, self.roots))}")
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def subset(self, indices: Sequence[int], augment: "FrameAugment | None" = None) -> "RenderedFrames":
-        """The same dataset restricted to ``indices`` (e.g. a train/held-out split), re-indexed from 0.
-
-        Use this rather than ``torch.utils.data.Subset``, which only accepts plain int keys and so breaks on the
-        ``(index, sample_seed)`` keys of :class:`StepSampler`.
-        """
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.frames = [self.frames[i] for i in indices]
-        if augment is not None:  # e.g. the held-out side of a split, without augmentation
-            view.augment = augment
-        if not view.frames:
-            raise ValueError("empty subset")
-        return view
-
-    def path(self, index: int) -> Path:
-        """File of frame ``index``."""
-        shard_dir, record = self.frames[index]
-        return shard_dir / record["file"]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | CorruptSample:
         """One augmented sample.

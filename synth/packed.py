@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from synth.batch_augment import BatchAugment
-from synth.data import LIST_FIELDS, FrameAugment, _as_roots, _derive_seed
+from synth.data import LIST_FIELDS, FrameAugment, FramePool, _as_roots, _derive_seed
 from synth.frames import FRAME_FIELDS, CorruptFrameError, read_frame, read_index, sha256
 from synth.io import atomic_path, atomic_write_json, atomic_write_text, clear_stale_temporaries
 
@@ -250,7 +250,7 @@ class PackedShard:
         return {**frame, **extra}
 
 
-class PackedFrames(torch.utils.data.Dataset):
+class PackedFrames(FramePool):
     """:class:`synth.data.RenderedFrames` over packed shards, augmented per batch.
 
     Same frame order (folder by folder, then frame id), keys (``index`` or ``(index, sample_seed)``), sample seeds
@@ -294,25 +294,8 @@ class PackedFrames(torch.utils.data.Dataset):
             raise ValueError(f"no packed frames in {', '.join(map(str, self.roots))}")
         self._where = np.array(where, np.int64).reshape(-1, 2)
 
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def subset(self, indices: Sequence[int], augment: FrameAugment | None = None) -> "PackedFrames":
-        """As :meth:`synth.data.RenderedFrames.subset`."""
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.frames = [self.frames[i] for i in indices]
-        view._where = self._where[np.asarray(indices, np.int64)].reshape(-1, 2)
-        if augment is not None:
-            view.augment = augment
-        if not view.frames:
-            raise ValueError("empty subset")
-        return view
-
-    def path(self, index: int) -> Path:
-        """HDF5 file of frame ``index`` (the pack's source)."""
-        shard_dir, record = self.frames[index]
-        return shard_dir / record["file"]
+    def _restrict(self, indices: Sequence[int]) -> None:
+        self._where = self._where[np.asarray(indices, np.int64)].reshape(-1, 2)
 
     def _keys(self, keys: Sequence) -> tuple[np.ndarray, list[int]]:
         indices, seeds = [], []
