@@ -1,5 +1,8 @@
 """Readers for the real datasets of the transfer stage, as torch Datasets in torchvision's conventions.
 
+(About 880 lines, one module on purpose: five formats (COCO, VOC, class folders, Fashion-MNIST, RGB-D and the
+offline depth pairs) share the box, mask and RLE validation helpers below, which stay private to it.)
+
 Users bring COCO json, PASCAL VOC folders, class-per-folder image trees and RGB-D folders; the packages on this
 machine ship Fashion-MNIST and two Middlebury stereo pairs. Every reader here turns one of them into items that the
 torchvision detection / segmentation models and the transfer protocols take without further conversion.
