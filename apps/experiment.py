@@ -263,8 +263,8 @@ def curve_points(cfg: DictConfig, rows: list[ResultRow], kind: str) -> list[tupl
     column = cfg.curves.metric
     arm = cfg.curves.arm
 
-    def values(label: str) -> list[float]:
-        return [r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column]
+    def values(label: str) -> list[float]:  # one per seed (random init is also in the curves' own transfer)
+        return list({r.seed: r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column}.values())
 
     points = []
     if kind == "steps":
@@ -291,9 +291,12 @@ def plot_curves(cfg: DictConfig, rows: list[ResultRow], path: Path) -> Path:
     naive = {r.label for r in rows if is_naive(r.label) and f"{r.task}/{r.metric}" == column}
     best = max(naive, key=lambda label: sign * statistics.fmean(
         r.value for r in rows if r.label == label and f"{r.task}/{r.metric}" == column), default=None)
-    references = {"random init": [r.value for r in rows if is_baseline(r.label) and f"{r.task}/{r.metric}" == column]}
+    def per_seed(keep) -> list[float]:
+        return list({r.seed: r.value for r in rows if keep(r.label) and f"{r.task}/{r.metric}" == column}.values())
+
+    references = {"random init": per_seed(is_baseline)}
     if best:
-        references[best] = [r.value for r in rows if r.label == best and f"{r.task}/{r.metric}" == column]
+        references[best] = per_seed(lambda label: label == best)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, kind, xlabel in zip(axes, ("steps", "frames"), ("pretraining steps", "rendered training frames"),
                                 strict=True):

@@ -497,8 +497,10 @@ def test_streaming_uses_new_shards_within_seconds_and_never_trains_on_held_out_s
         drawn.append(next(it)["frame_id"].item())
         assert time.monotonic() - start < 5, f"new frames {new} not all drawn within 5 s: {drawn}"
     assert not set(drawn) & {i for i in range(100, 106) if held_out_scene(i, 0.4)}
-    # Unused frames come first: the new shard is used up well before the old frames are drawn as often.
-    assert len(drawn) <= 4 * len(new) + 10
+    # Unused frames come first: once the rescan has seen the new shard (how many draws that takes depends on the
+    # machine's speed within refresh_s), it is used up well before the old frames are drawn as often.
+    first_new = next(i for i, frame in enumerate(drawn) if frame in new)
+    assert len(drawn) - first_new <= 4 * len(new) + 10
 
     # The held-out side, re-scanned as the dataset grows (what evaluation reads).
     live = LiveFrames(root, augment=FrameAugment(size=16, train=False), holdout=0.4)
