@@ -103,8 +103,7 @@ def naive_rows(tasks: Sequence, data: Mapping, rows: Sequence[ResultRow], refere
         if make is None:
             continue
         tic = time.perf_counter()
-        tasks_of = {score_task for score_task in (r.task for r in rows if r.label == reference)}
-        reference_rows = [r for r in rows if r.label == reference and r.task in tasks_of
+        reference_rows = [r for r in rows if r.label == reference
                           and (r.task == task.name or r.task.startswith(f"{task.name}_"))]
         for label, scores in make(data[task.data], seed, reference_rows).items():
             for score in scores:
