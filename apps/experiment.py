@@ -71,6 +71,8 @@ class ExperimentApp:
             and before pretraining (e.g. ``adapt-images`` to train a translator and write a translated dataset).
         curves: Scaling curves (:class:`CurveSettings`); null for none.
         out_dir: Everything goes here; a rerun skips what is done.
+        report_only: Tabulate the seeds that are complete (every arm pretrained and transferred) and run nothing:
+            the tables of a long experiment that is still running, or was stopped, without waiting for it.
     """
 
     name: str = "experiment"
@@ -83,6 +85,7 @@ class ExperimentApp:
     stages: dict[str, list[str]] = field(default_factory=dict)
     curves: CurveSettings | None = None
     out_dir: str = "runs/experiment"
+    report_only: bool = False
 
 
 ConfigStore.instance().store(name="experiment_app_schema", node=ExperimentApp)
@@ -214,15 +217,31 @@ STAGE_COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfe
                   "adapt-images": "apps.adapt_images", "pack": "apps.pack"}
 
 
+def _seed_done(out: Path, seed: int, cfg: DictConfig) -> bool:
+    """Whether every arm of ``seed`` is pretrained and its transfer (and curves, if any) complete."""
+    pretrained = all((out / "pretrain" / arm / f"seed{seed}" / "summary.json").exists()
+                     for arm, overrides in cfg.arms.items() if overrides is not None)
+    curves = not _curve_arms(cfg) or (out / "curves" / f"seed{seed}" / "complete.json").exists()
+    return pretrained and curves and (out / "transfer" / f"seed{seed}" / "complete.json").exists()
+
+
 def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     """Render, run the stages, pretrain every arm for every seed, transfer all of a seed's checkpoints together
-    (with random init and the naive rows), tabulate, judge every arm, and draw the curves."""
+    (with random init and the naive rows), tabulate, judge every arm, and draw the curves.
+
+    The tables are rewritten after each seed, so a stopped experiment leaves the tables of the seeds it finished;
+    ``report_only`` tabulates the finished seeds and runs nothing.
+    """
     out = Path(cfg.out_dir)
     tic = time.perf_counter()
-    prepare(cfg)
+    if not cfg.report_only:
+        prepare(cfg)
     rows: list[ResultRow] = []
     curve_rows: list[ResultRow] = []
+    seeds = []
     for seed in cfg.seeds:
+        if cfg.report_only and not _seed_done(out, seed, cfg):
+            continue
         checkpoints = {}
         for arm, overrides in cfg.arms.items():
             if overrides is None:
@@ -235,14 +254,28 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
         if curve_points:
             curve_rows += _transfer(out / "curves" / f"seed{seed}", seed, curve_points,
                                     [*_expand(cfg.transfer, out), *_expand(cfg.curves.transfer, out)])
+        seeds.append(seed)
+        report(cfg, rows, curve_rows, seeds, minutes=(time.perf_counter() - tic) / 60)
+    if not seeds:
+        raise UsageError(f"{out}: no seed is complete yet (report_only=true tabulates finished seeds only)")
+    return rows + curve_rows
+
+
+def report(cfg: DictConfig, rows: list[ResultRow], curve_rows: list[ResultRow], seeds: list[int], *,
+           minutes: float) -> None:
+    """Write ``results.md`` / ``results.csv`` / ``results_full.md`` / ``ablation.png`` (and ``curves.png``) of the
+    ``seeds`` done so far, and print the table."""
+    out = Path(cfg.out_dir)
     write_results(rows, out)  # every number: every stage, every gap measure
     atomic_write_text(out / "results_full.md", format_table(rows) + "\n")
     headline = headline_rows(rows)
     table = format_table(headline)
     bar_chart(headline, out / "ablation.png", list(dict.fromkeys(f"{r.task}/{r.metric}" for r in headline)))
-    minutes = (time.perf_counter() - tic) / 60
-    header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds (mean ± sd over seeds; in brackets the "
-              f"difference to random init)\n\nwall time of this invocation: {minutes:.1f} min\n\n")
+    pending = [s for s in cfg.seeds if s not in seeds]
+    header = (f"# {cfg.name}: {len(cfg.arms)} arms x {len(seeds)} seeds {seeds} (mean ± sd over seeds; in brackets "
+              f"the difference to random init)\n\n"
+              + (f"**incomplete: seeds {pending} not done yet**\n\n" if pending else "")
+              + f"wall time of this invocation: {minutes:.1f} min\n\n")
     transfer_rows = [r for r in headline if r.task not in ("gap", "knn_probe")]  # measured in pretraining
     verdicts = compare(transfer_rows)
     judged = ("\n\nEach arm against random init and the best naive row, paired by seed (> 0 is better; a gain "
@@ -254,7 +287,6 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
         write_results(curve_rows, out / "curves")
         written += [plot_curves(cfg, rows + curve_rows, out / "curves.png")]
     print(f"\n{header}{table}{judged}\n\nwritten: {', '.join(map(str, written))}")
-    return rows + curve_rows
 
 
 def curve_points(cfg: DictConfig, rows: list[ResultRow], kind: str) -> list[tuple[int, list[float]]]:

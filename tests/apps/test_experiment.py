@@ -128,3 +128,12 @@ def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
     assert [x for x, _ in curve_points(cfg, curve_rows, "frames")] == [2]
     # A rerun finds everything done.
     assert main(["experiment=smoke", f"out_dir={out}"]) == 0
+    assert "incomplete" not in text
+    # report_only tabulates the finished seeds and trains nothing: seed 1 made unfinished, its rows are left out.
+    (out / "transfer" / "seed1" / "complete.json").unlink()
+    before = sorted(p for p in out.rglob("*") if p.is_file() and "results" not in p.name and p.suffix != ".png")
+    assert main(["experiment=smoke", f"out_dir={out}", "report_only=true"]) == 0
+    assert sorted(p for p in out.rglob("*") if p.is_file() and "results" not in p.name
+                  and p.suffix != ".png") == before
+    assert {r.seed for r in read_results(out / "results.csv")} == {0}
+    assert "incomplete: seeds [1] not done yet" in (out / "results.md").read_text()
