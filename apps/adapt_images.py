@@ -12,6 +12,7 @@ Two modes (``mode=train`` is the default; ``synth adapt-images apply ...`` is sh
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from synth.config import register, schema
 from synth.data import FrameAugment, RenderedFrames
 from synth.engine import NonFiniteLossError
 from synth.frames import list_frames, sha256
+from synth.preview import write_preview
 from synth.real import RealImages
 from synth.runtime import resolve_device
 
@@ -166,8 +168,10 @@ def apply_translator(cfg: DictConfig) -> dict:
     device = instantiate(cfg.trainer).device
     counts = translate_dataset(translator.g_ab, source, cfg.out_dir, provenance=provenance,
                                device=resolve_device(device))
+    # The dataset's picture, redrawn from the translated colours (with the labels they keep).
+    preview = write_preview(cfg.out_dir, Path(cfg.out_dir) / "preview.png")
     print(f"translated {counts['translated']} frame(s), {counts['skipped']} already done, of {counts['frames']}: "
-          f"{source} -> {cfg.out_dir}")
+          f"{source} -> {cfg.out_dir}\npreview: {preview}")
     return counts
 
 

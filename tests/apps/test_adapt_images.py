@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -85,6 +86,7 @@ def test_translated_dataset_keeps_every_label_and_reads_back(rendered_dataset, p
     monkeypatch.chdir(tmp_path)
     assert main(["adapt-images", "apply", f"checkpoint={run}", f"source={rendered_dataset}", f"out_dir={out}"]) == 0
     assert "translated 8 frame(s), 0 already done" in capsys.readouterr().out
+    assert cv2.imread(str(out / "preview.png")) is not None  # redrawn from the translated colours
 
     source_frames, frames = list_frames(rendered_dataset), list_frames(out)
     assert [r["frame_id"] for _, r in frames] == [r["frame_id"] for _, r in source_frames]
