@@ -291,7 +291,8 @@ def report(cfg: DictConfig, rows: list[ResultRow], curve_rows: list[ResultRow], 
 
 def curve_points(cfg: DictConfig, rows: list[ResultRow], kind: str) -> list[tuple[int, list[float]]]:
     """``[(x, [value per seed]), ...]`` of the curve arm on ``cfg.curves.metric``: x pretraining steps (0 = random
-    init, the full budget = the arm itself) or training frames (the full set = the arm itself)."""
+    init, the full budget = the arm itself) or training frames (the main dataset's ``n_frames`` = the arm
+    itself)."""
     column = cfg.curves.metric
     arm = cfg.curves.arm
 
@@ -307,6 +308,10 @@ def curve_points(cfg: DictConfig, rows: list[ResultRow], kind: str) -> list[tupl
             points.append((int(str(full).split("=")[1]), values(arm)))
     else:
         points += [(n, values(f"{arm}_frames{n}")) for n in cfg.curves.frames]
+        # The arm itself is the point at the whole main dataset (unless it trains on another dataset).
+        full = next((o for o in cfg.render if str(o).startswith("n_frames=")), None)
+        if full is not None and not any(str(o).startswith("data.roots=") for o in cfg.arms[arm]):
+            points.append((int(str(full).split("=")[1]), values(arm)))
     return sorted((x, v) for x, v in points if v)
 
 

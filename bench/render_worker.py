@@ -40,6 +40,13 @@ Run (about 5 minutes with the defaults on 2 CPU cores)::
     .venv/bin/python bench/render_worker.py
     .venv/bin/python bench/render_worker.py --resolution 128 --scenes 10 --views 2 --rss-frames 1000
 
+``--denoise-prefilter NONE`` (and/or ``--denoise-quality``) renders ours and the bare loop with those
+OpenImageDenoise settings, plus a fourth way, ours with today's defaults (HIGH, ACCURATE), and prints the speed-up
+and the colour difference between the two::
+
+    .venv/bin/python bench/render_worker.py --resolution 64 128 --scenes 4 --views 8 --rss-frames 0 \
+        --denoise-prefilter NONE
+
 ``--out DIR`` keeps the rendered shards, specs and logs in ``DIR`` (default: a temporary folder, removed).
 """
 
@@ -83,7 +90,7 @@ def bare_main(job_path: str) -> int:
     settings = job["settings"]
     from render.bproc_env import blenderproc
     from render.builder import SceneBuilder
-    from render.worker import RenderSettings, configure_renderer
+    from render.worker import RenderSettings, configure_renderer, fresh_session
     from synth.scene import SceneSpec
 
     bp = blenderproc(os.path.join(job["out_dir"], "blender-tmp"))
@@ -95,6 +102,7 @@ def bare_main(job_path: str) -> int:
     for index, path in enumerate(job["specs"]):
         spec = SceneSpec.load(path)
         builder.build(spec, outputs=False)
+        fresh_session(bp)  # the worker's persistent session per scene, so the ratio compares the same tricks
         if job["mode"] == "animation":  # frames 0 .. views-1 in one call, PNGs named <prefix><frame>.png
             scene.frame_start, scene.frame_end = 0, spec.n_views - 1
             scene.render.filepath = os.path.join(job["out_dir"], f"{index:04d}_")
@@ -225,18 +233,24 @@ class Timed:
         self.cpu = self._cpu_now() - self._cpu
 
 
-def _settings(resolution: int, recycle_every: int):
+#: ``--denoise-quality`` / ``--denoise-prefilter``: used by ours and by the bare loop alike (a fair ratio).
+DENOISE: dict[str, str] = {}
+
+
+def _settings(resolution: int, recycle_every: int, denoise: dict | None = None):
     from render.worker import RenderSettings
 
     return RenderSettings(width=resolution, height=resolution, max_samples=16, denoiser="INTEL",
-                          recycle_every=recycle_every)
+                          recycle_every=recycle_every, **(DENOISE if denoise is None else denoise))
 
 
-def run_ours(sampler, out_dir: Path, *, resolution: int, scenes: int, recycle_every: int) -> Timed:
-    """``render_shard`` over ``scenes`` scenes (one shard) into ``out_dir``, timed."""
+def run_ours(sampler, out_dir: Path, *, resolution: int, scenes: int, recycle_every: int,
+             denoise: dict | None = None) -> Timed:
+    """``render_shard`` over ``scenes`` scenes (one shard) into ``out_dir``, timed (``denoise``: the
+    denoiser settings, default :data:`DENOISE`)."""
     from render.shard import render_shard
 
-    settings = _settings(resolution, recycle_every)
+    settings = _settings(resolution, recycle_every, denoise)
     with Timed() as timed:
         report = render_shard(sampler=sampler, settings=settings, out_dir=out_dir, shard=0, seed=SEED,
                               n_frames=scenes * sampler.views, scenes_per_shard=scenes, label_check_frames=0,
@@ -330,15 +344,18 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
     """
     frames = scenes * sampler.views
     spec_paths = write_specs(sampler, root / "specs", resolution=resolution, scenes=scenes)
-    ways = ["ours", "bare", "per_process"]
+    ways = ["ours", "bare", "per_process"] + (["default_denoise"] if DENOISE else [])
     runs: dict[str, list[Timed]] = {way: [] for way in ways}
     for k in range(repeats):
-        for way in ways[k % 3:] + ways[:k % 3]:  # rotate, so no way always runs first on a cold machine
+        for way in ways[k % len(ways):] + ways[:k % len(ways)]:  # rotate: no way always runs first on a cold machine
             out_dir = root / f"{way}_{k}"
             if way == "ours":
                 runs[way].append(run_ours(sampler, out_dir, resolution=resolution, scenes=scenes,
                                           recycle_every=NO_RECYCLING))
                 check_same_scenes(spec_paths, out_dir / "shard_00000")
+            elif way == "default_denoise":  # today's denoiser settings: what the --denoise-* flags buy
+                runs[way].append(run_ours(sampler, out_dir, resolution=resolution, scenes=scenes,
+                                          recycle_every=NO_RECYCLING, denoise={}))
             elif way == "bare":
                 runs[way].append(run_bare(spec_paths, out_dir, resolution=resolution, mode=bare_mode))
                 n_png = len(list(out_dir.glob("*.png")))
@@ -355,7 +372,22 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
         "cpu_per_frame": {way: statistics.median(t.cpu for t in r) / frames for way, r in runs.items()},
         "pixels": compare_pixels(root / "ours_0" / "shard_00000", root / "bare_0", scenes=scenes,
                                  views=sampler.views),
+        "vs_default": (compare_shards(root / "ours_0" / "shard_00000", root / "default_denoise_0" / "shard_00000")
+                       if DENOISE else None),
     }
+
+
+def compare_shards(shard_dir: Path, other_dir: Path) -> dict:
+    """Mean and max absolute colour difference (0-255) between the same frames of two shards."""
+    from synth.frames import read_frame
+
+    diffs, worst = [], 0
+    for path in sorted((shard_dir / "frames").glob("*.hdf5")):
+        a = read_frame(path)["colors"].astype(np.int16)
+        b = read_frame(other_dir / "frames" / path.name)["colors"].astype(np.int16)
+        diffs.append(float(np.abs(a - b).mean()))
+        worst = max(worst, int(np.abs(a - b).max()))
+    return {"mean_abs_diff": float(np.mean(diffs)), "max_abs_diff": worst, "frames": len(diffs)}
 
 
 def bench_rss(sampler, root: Path, *, frames: int, recycle_every: int) -> dict:
@@ -394,6 +426,12 @@ def print_resolution(resolution: int, result: dict, bare_mode: str) -> None:
     print(f"  CPU s/frame (less sensitive to other load): ours {cpu['ours']:.2f} | bare {cpu['bare']:.2f} | "
           f"per-process {cpu['per_process']:.2f}  -> ours/bare {cpu['bare'] / cpu['ours']:.2f}x, "
           f"ours/per-process {cpu['per_process'] / cpu['ours']:.2f}x")
+    if result.get("vs_default"):
+        vs = result["vs_default"]
+        flags = " ".join(f"{k}={v}" for k, v in DENOISE.items())
+        print(f"  {flags} vs today's denoiser (HIGH, ACCURATE): {fps['ours'] / fps['default_denoise']:.2f}x fps "
+              f"({fps['default_denoise']:.2f} fps), CPU s/frame {cpu['default_denoise']:.3f}; pixels "
+              f"{vs['mean_abs_diff']:.3f}/255 off on average, max {vs['max_abs_diff']}/255 over {vs['frames']} frames")
     px = result["pixels"]
     if px["identical"] == px["frames"]:
         print(f"  same pixels: ours == bare on {px['identical']}/{px['frames']} frames")
@@ -431,11 +469,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="bare loop: one render call per frame, or one animation render per scene")
     parser.add_argument("--rss-frames", type=int, default=200, help="frames of the RSS run (0 skips it)")
     parser.add_argument("--recycle-every", type=int, default=100, help="scenes per worker, recycling run")
+    parser.add_argument("--denoise-quality", choices=["HIGH", "BALANCED", "FAST"],
+                        help="OIDN quality of ours and the bare loop (also renders today's default to compare)")
+    parser.add_argument("--denoise-prefilter", choices=["ACCURATE", "FAST", "NONE"],
+                        help="OIDN guide prefilter of ours and the bare loop (also renders today's default)")
     parser.add_argument("--out", help="keep everything in this folder (default: a temporary folder)")
     parser.add_argument("--bare", metavar="JOB", help=argparse.SUPPRESS)  # internal: the bare bpy subprocess
     args = parser.parse_args(argv)
     if args.bare:
         return bare_main(args.bare)
+    DENOISE.update({k: v for k, v in (("denoise_quality", args.denoise_quality),
+                                      ("denoise_prefilter", args.denoise_prefilter)) if v})
 
     from synth.sampling import TabletopScene
 

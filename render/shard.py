@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from render import labels
-from render.worker import EXECUTION_KEYS, PROGRESS_PREFIX, RenderSettings
+from render.worker import EXECUTION_KEYS, LATER_KEYS, PROGRESS_PREFIX, RenderSettings
 from synth.config import differences
 from synth.frames import read_frame, read_index, sha256
 from synth.io import atomic_write_json, atomic_write_text
@@ -101,6 +101,8 @@ def claim_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / "dataset.json"
     if path.exists():
         existing = json.loads(path.read_text())
+        if isinstance(existing.get("render"), dict):  # written before a setting existed: its value then
+            existing["render"] = {**LATER_KEYS, **existing["render"]}
         # Threads, devices and worker lifetimes say how frames are rendered, not what they hold: a resume may change
         # them (e.g. on a cluster with other CPUs per task, or a GPU).
         different = differences({k: existing.get(k) for k in manifest}, manifest,

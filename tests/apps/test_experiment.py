@@ -125,7 +125,7 @@ def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
     curve_rows = rows + read_results(out / "curves" / "results.csv")
     assert [x for x, _ in curve_points(cfg, curve_rows, "steps")] == [0, 1, 3]
     assert all(len(v) == 2 for _, v in curve_points(cfg, curve_rows, "steps"))
-    assert [x for x, _ in curve_points(cfg, curve_rows, "frames")] == [2]
+    assert [x for x, _ in curve_points(cfg, curve_rows, "frames")] == [2, 8]  # 8: the arm on the whole dataset
     # A rerun finds everything done.
     assert main(["experiment=smoke", f"out_dir={out}"]) == 0
     assert "incomplete" not in text

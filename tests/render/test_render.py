@@ -233,8 +233,9 @@ def test_shards_are_parallel_hydra_jobs(rendered, tmp_path):
 def test_two_processes_render_byte_identical_rgb(tmp_path):
     """Six scenes (most with several lights) rendered by two separate `synth render` runs: every RGB byte equal.
 
-    Cycles' persistent data (BlenderProc's default) ordered the lights of a rebuilt scene by memory address,
-    which gave different noise in 2 of 6 scenes of such a run.
+    Cycles' persistent data (BlenderProc's default) carried across scenes ordered the lights of a rebuilt scene by
+    memory address, which gave different noise in 2 of 6 scenes of such a run; the worker now keeps a session per
+    scene only (``render.worker.fresh_session``).
     """
     outs = [tmp_path / name for name in ("first", "second")]
     for out in outs:

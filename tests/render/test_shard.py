@@ -52,3 +52,17 @@ def test_manifest_refuses_to_mix_datasets(tmp_path):
     manifest = json.loads((tmp_path / "dataset.json").read_text())
     assert manifest["scene"]["family"] == "primitives_tabletop"
     assert "OpenCV camera frame" in manifest["conventions"]["normals"]
+
+
+def test_a_dataset_written_before_the_denoiser_knobs_existed_still_resumes(tmp_path):
+    sampler = TabletopScene()
+    manifest = dataset_manifest(sampler, RenderSettings(), seed=0, scenes_per_shard=10)
+    for key in ("denoise_quality", "denoise_prefilter"):
+        del manifest["render"][key]  # as an older version wrote it
+    claim_manifest(tmp_path, manifest)
+    claim_manifest(tmp_path, dataset_manifest(sampler, RenderSettings(), seed=0, scenes_per_shard=10))
+    with pytest.raises(DatasetMismatchError, match=r"render\.denoise_prefilter: 'ACCURATE' -> 'NONE'"):
+        claim_manifest(tmp_path, dataset_manifest(sampler, RenderSettings(denoise_prefilter="NONE"), seed=0,
+                                                  scenes_per_shard=10))
+    with pytest.raises(ValueError, match=r"^render\.denoise_quality: expected HIGH, BALANCED, FAST, got 'best'$"):
+        RenderSettings(denoise_quality="best")
