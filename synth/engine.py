@@ -42,7 +42,7 @@ from synth.checkpoint import read_checkpoint, save_checkpoint
 from synth.data import StepSampler, collate_frames
 from synth.io import atomic_write_json, atomic_write_text, clear_stale_temporaries
 from synth.objective import ObjectiveTraits, objective_traits
-from synth.runtime import build_optimizer, resolve_device
+from synth.runtime import build_optimizer, cpu_has_native_bf16, resolve_device
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -183,9 +183,10 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "auto":
         if device.type == "cpu":
-            # Without native bf16 (AVX512-BF16/AMX) oneDNN falls back to a slow convolution: measured 6x slower
-            # than fp32 on an AVX2 EPYC, while CPUs with AMX gain ~2x.
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+            # Without native bf16 (AVX512-BF16/AMX) oneDNN emulates it: measured 6x slower than fp32 on an AVX2
+            # EPYC, and slower than fp32 on plain AVX512 too (which oneDNN reports as bf16-capable), while CPUs
+            # with AMX gain ~2x. So the CPU's own flags decide, not oneDNN's answer.
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         if not torch.cuda.is_bf16_supported():
             return torch.float16
         return torch.bfloat16

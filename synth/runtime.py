@@ -26,6 +26,24 @@ def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) 
     return device
 
 
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4) and AMX (Sapphire
+#: Rapids). oneDNN also runs bf16 on plain AVX512 by converting to fp32, which is slower than fp32 itself.
+NATIVE_BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU does bf16 arithmetic natively (``cpuinfo``: the text of ``/proc/cpuinfo``, read when
+    None). Where the flags cannot be read (not Linux), oneDNN's own answer stands."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def build_optimizer(parameters, name: str, *, lr: float, weight_decay: float, nesterov: bool = False,
                     fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) or SGD with momentum 0.9 (optionally Nesterov, L2 weight decay).
