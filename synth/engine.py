@@ -183,9 +183,10 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "auto":
         if device.type == "cpu":
-            # Without native bf16 (AVX512-BF16/AMX) oneDNN emulates it: measured 6x slower than fp32 on an AVX2
-            # EPYC, and slower than fp32 on plain AVX512 too (which oneDNN reports as bf16-capable), while CPUs
-            # with AMX gain ~2x. So the CPU's own flags decide, not oneDNN's answer.
+            # Without native bf16 (AVX512-BF16/AMX) oneDNN emulates it: 6x slower than fp32 on an AVX2 EPYC, and
+            # slower on plain AVX512 too, which oneDNN reports as bf16-capable; CPUs with AMX gain up to ~3x. The
+            # CPU's flags decide (the same answer on every run; a timed probe was tried and flipped with the
+            # load of a shared 2-core machine). A resumed run keeps the precision it started with.
             return torch.bfloat16 if cpu_has_native_bf16() else None
         if not torch.cuda.is_bf16_supported():
             return torch.float16
@@ -341,6 +342,7 @@ class Engine:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": self.config,
             "backbone": {"arch": getattr(self.model.backbone, "arch", None)},
+            "amp": str(self.amp_dtype),
         }
 
     def save(self) -> None:
@@ -393,6 +395,9 @@ class Engine:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.step = int(state["step"])
+        if self.settings.amp == "auto" and "amp" in state:  # what auto chose at the start, not a new measurement
+            self.amp_dtype = {"None": None, "torch.bfloat16": torch.bfloat16,
+                              "torch.float16": torch.float16}.get(state["amp"], self.amp_dtype)
         return True
 
     # ------------------------------------------------------------------------------------------ training

@@ -1,4 +1,5 @@
-"""Where and how a model trains: the device a config asks for and the optimizer it names, built in one place."""
+"""Where and how a model trains: the device a config asks for, whether the CPU has native bf16, and the optimizer
+a config names, built in one place."""
 
 import torch
 from torch import nn

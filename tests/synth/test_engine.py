@@ -87,10 +87,13 @@ def test_resume_after_interruption_gives_the_same_weights(rendered_dataset, tmp_
     interrupted.train_step = killed_after_step_4
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    assert torch.load(interrupted.checkpoint_path, weights_only=False)["step"] == 3
+    state = torch.load(interrupted.checkpoint_path, weights_only=False)
+    assert state["step"] == 3 and state["amp"] == str(interrupted.amp_dtype)
 
     resumed = make_engine(rendered_dataset, tmp_path / "resumed", steps=8, checkpoint_every=3)
+    resumed.amp_dtype = torch.float16  # as if this machine's auto chose otherwise: the checkpoint's choice wins
     resumed.fit()
+    assert resumed.amp_dtype == interrupted.amp_dtype
     assert resumed.step == 8
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
