@@ -3,12 +3,13 @@
 For each resolution, ``--scenes`` scenes of each family are rendered by :func:`render.shard.render_shard` (one
 worker, labels, HDF5 and COCO written; process start and BlenderProc init included) and the frames/s of
 ``tabletop`` / ``room`` are printed as a ratio to ``primitives_tabletop`` / ``primitives_room``. Then the worker's
-RSS over ``--rss-frames`` realistic tabletop frames at 64 px without recycling (the growth is the last sample vs
-the first after the first frame, as in ``bench/render_worker.py``).
+RSS over ``--rss-frames`` realistic tabletop frames at 64 px (``--views`` per scene) without recycling (the growth
+is the last sample vs the first after the first frame, as in ``bench/render_worker.py``).
 
 Run::
 
     .venv/bin/python bench/realistic_scenes.py --resolution 64 128 --scenes 4 --rss-frames 300
+    .venv/bin/python bench/realistic_scenes.py --resolution --views 8 --rss-frames 1000   # RSS only
 """
 
 import argparse
@@ -29,7 +30,8 @@ def samplers(views: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--resolution", type=int, nargs="*", default=[64, 128],
+                        help="none (a bare --resolution) runs only the RSS measurement")
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--rss-frames", type=int, default=300, help="0 skips the RSS run")
