@@ -136,12 +136,12 @@ def headline_rows(rows: list[ResultRow]) -> list[ResultRow]:
     """The rows of the summary table: per-stage metrics at the last stage only, the gap as classifier accuracy and
     RBF MMD (``results_full.md`` and ``results.csv`` keep every stage and measure)."""
     stages = [r.metric.split("@")[1] for r in rows if r.task == "linear_probe" and "@" in r.metric]
-    stages = stages or [r.metric.split("@")[1] for r in rows if "@" in r.metric]
+    stages = stages or [r.metric.split("@")[1] for r in rows if r.task in ("knn_probe", "gap") and "@" in r.metric]
     last = stages[-1] if stages else None
     keep = []
     for row in rows:
         metric, _, stage = row.metric.partition("@")
-        if stage and stage != last:
+        if stage in stages and stage != last:  # not ``accuracy@0.1``: a label fraction, not a stage
             continue
         if row.task == "gap" and metric not in ("domain_acc", "mmd_rbf"):
             continue

@@ -87,6 +87,19 @@ def test_bar_chart_has_mean_and_spread_over_seeds(tmp_path):
 
 
 @pytest.mark.slow
+def test_headline_keeps_the_last_probe_stage_and_every_label_fraction():
+    def row(task, metric):
+        return ResultRow(checkpoint="random", label="random", task=task, metric=metric, value=0.5, seed=0,
+                         budget="", wall_s=0.0)
+
+    rows = [row("linear_probe", "acc@layer3"), row("linear_probe", "acc@layer4"), row("finetune", "accuracy@0.1"),
+            row("finetune", "accuracy@1"), row("gap", "mmd_rbf@layer3"), row("gap", "mmd_rbf@layer4"),
+            row("gap", "pad@layer4"), row("depth_zero_shot", "abs_rel")]
+    kept = [f"{r.task}/{r.metric}" for r in headline_rows(rows)]
+    assert kept == ["linear_probe/acc@layer4", "finetune/accuracy@0.1", "finetune/accuracy@1",
+                    "gap/mmd_rbf@layer4", "depth_zero_shot/abs_rel"]
+
+
 def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
     """`synth experiment=smoke`: two datasets, a translator stage, 3 arms x 2 seeds, both curves; every artefact,
     and the judged statistics equal a recomputation from results.csv."""
