@@ -522,10 +522,12 @@ class RoomScene(SceneSampler):
             for _ in range(self.max_tries):
                 w, d, h = rng.uniform(*self.furniture_size, size=3)
                 h = min(h, room_h * 0.6)
-                if rng.uniform() < 0.6:  # against a wall
-                    side = int(rng.integers(4))
-                    if side >= 2:
-                        w, d = d, w
+                side = int(rng.integers(4)) if rng.uniform() < 0.6 else -1  # against a wall, or free
+                if side >= 2:
+                    w, d = d, w
+                if w >= size_x or d >= size_y:
+                    continue  # larger than this room (scene.furniture_size vs scene.room_size): another draw
+                if side >= 0:
                     x = rng.uniform(-size_x / 2 + w / 2, size_x / 2 - w / 2) if side >= 2 else \
                         (-1) ** side * (size_x / 2 - w / 2 - 0.02)
                     y = rng.uniform(-size_y / 2 + d / 2, size_y / 2 - d / 2) if side < 2 else \
