@@ -86,7 +86,6 @@ def test_bar_chart_has_mean_and_spread_over_seeds(tmp_path):
     assert cv2.imread(str(path)) is not None
 
 
-@pytest.mark.slow
 def test_headline_keeps_the_last_probe_stage_and_every_label_fraction():
     def row(task, metric):
         return ResultRow(checkpoint="random", label="random", task=task, metric=metric, value=0.5, seed=0,
@@ -100,6 +99,7 @@ def test_headline_keeps_the_last_probe_stage_and_every_label_fraction():
                     "gap/mmd_rbf@layer4", "depth_zero_shot/abs_rel"]
 
 
+@pytest.mark.slow
 def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
     """`synth experiment=smoke`: two datasets, a translator stage, 3 arms x 2 seeds, both curves; every artefact,
     and the judged statistics equal a recomputation from results.csv."""
