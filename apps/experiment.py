@@ -73,6 +73,9 @@ class ExperimentApp:
         out_dir: Everything goes here; a rerun skips what is done.
         report_only: Tabulate the seeds that are complete (every arm pretrained and transferred) and run nothing:
             the tables of a long experiment that is still running, or was stopped, without waiting for it.
+        merge: Output folders (or copies of their ``results.csv`` and ``curves/results.csv``) of the same experiment
+            run elsewhere, e.g. one seed per machine: their seeds that are not in ``seeds`` join the tables. The
+            arms and budget must be the same; nothing checks that beyond the arm names in the table.
     """
 
     name: str = "experiment"
@@ -86,6 +89,7 @@ class ExperimentApp:
     curves: CurveSettings | None = None
     out_dir: str = "runs/experiment"
     report_only: bool = False
+    merge: list[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(name="experiment_app_schema", node=ExperimentApp)
@@ -225,6 +229,20 @@ def _seed_done(out: Path, seed: int, cfg: DictConfig) -> bool:
     return pretrained and curves and (out / "transfer" / f"seed{seed}" / "complete.json").exists()
 
 
+def merged_results(cfg: DictConfig) -> tuple[list[ResultRow], list[ResultRow], list[int]]:
+    """The rows and curve rows of ``cfg.merge``'s folders for the seeds that ``cfg.seeds`` does not run here."""
+    rows: list[ResultRow] = []
+    curve_rows: list[ResultRow] = []
+    for folder in map(Path, cfg.merge):
+        if not (folder / "results.csv").is_file():
+            raise UsageError(f"merge: {folder} has no results.csv")
+        rows += read_results(folder / "results.csv")
+        if (folder / "curves" / "results.csv").is_file():
+            curve_rows += read_results(folder / "curves" / "results.csv")
+    seeds = sorted({r.seed for r in rows} - set(cfg.seeds))
+    return [r for r in rows if r.seed in seeds], [r for r in curve_rows if r.seed in seeds], seeds
+
+
 def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     """Render, run the stages, pretrain every arm for every seed, transfer all of a seed's checkpoints together
     (with random init and the naive rows), tabulate, judge every arm, and draw the curves.
@@ -236,9 +254,8 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     tic = time.perf_counter()
     if not cfg.report_only:
         prepare(cfg)
-    rows: list[ResultRow] = []
-    curve_rows: list[ResultRow] = []
-    seeds = []
+    rows, curve_rows, seeds = merged_results(cfg)
+    local = 0
     for seed in cfg.seeds:
         if cfg.report_only and not _seed_done(out, seed, cfg):
             continue
@@ -255,9 +272,12 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
             curve_rows += _transfer(out / "curves" / f"seed{seed}", seed, curve_points,
                                     [*_expand(cfg.transfer, out), *_expand(cfg.curves.transfer, out)])
         seeds.append(seed)
-        report(cfg, rows, curve_rows, seeds, minutes=(time.perf_counter() - tic) / 60)
+        local += 1
+        report(cfg, rows, curve_rows, sorted(seeds), minutes=(time.perf_counter() - tic) / 60)
     if not seeds:
         raise UsageError(f"{out}: no seed is complete yet (report_only=true tabulates finished seeds only)")
+    if not local:  # only merged seeds: their tables
+        report(cfg, rows, curve_rows, sorted(seeds), minutes=(time.perf_counter() - tic) / 60)
     return rows + curve_rows
 
 

@@ -3,8 +3,10 @@
 For each resolution, ``--scenes`` scenes of each family are rendered by :func:`render.shard.render_shard` (one
 worker, labels, HDF5 and COCO written; process start and BlenderProc init included) and the frames/s of
 ``tabletop`` / ``room`` are printed as a ratio to ``primitives_tabletop`` / ``primitives_room``. Then the worker's
-RSS over ``--rss-frames`` realistic tabletop frames at 64 px (``--views`` per scene) without recycling (the growth
-is the last sample vs the first after the first frame, as in ``bench/render_worker.py``).
+RSS over ``--rss-frames`` realistic tabletop frames at 64 px (``--views`` per scene) without recycling: the last
+sample vs the first after the first frame, and the median of the last tenth of the samples vs the first tenth (a
+sample depends on the textures of the scene rendered at that instant; see ``RssSampler.summary`` in
+``bench/render_worker.py``).
 
 Run::
 
@@ -55,8 +57,12 @@ def main(argv=None) -> int:
             out = root / "rss"
             with RssSampler(out / "shard_00000" / "frames") as rss:
                 timed = run_ours(sampler, out, resolution=64, scenes=scenes, recycle_every=NO_RECYCLING)
-            summary = rss.summary()
-            print(f"RSS over {scenes * args.views} realistic tabletop frames at 64px ({timed.wall:.0f} s): {summary}")
+            r = rss.summary()
+            print(f"worker RSS over {scenes * args.views} realistic tabletop frames at 64px ({timed.wall:.0f} s, no "
+                  f"recycling): {r['first'] / 2**20:.0f} MB after the first frame -> {r['last'] / 2**20:.0f} MB at the "
+                  f"end ({100 * r['growth']:+.1f}%), max {r['max'] / 2**20:.0f} MB; median of the first / last tenth "
+                  f"{r['median_first_tenth'] / 2**20:.0f} -> {r['median_last_tenth'] / 2**20:.0f} MB "
+                  f"({100 * r['median_growth']:+.1f}%; target within 10%)")
     return 0
 
 

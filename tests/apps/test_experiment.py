@@ -1,6 +1,7 @@
 """`synth demo` end to end at the smallest scale, and the experiment runner's table and chart."""
 
 import csv
+import shutil
 import statistics
 
 import cv2
@@ -69,7 +70,7 @@ def test_experiment_arms_compose_and_bad_arm_override_is_reported(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["ablation", "ablation_gpu", "smoke", "proof", "proof_gpu"])
+@pytest.mark.parametrize("name", ["ablation", "ablation_gpu", "smoke", "proof", "proof_gpu", "realistic"])
 def test_every_shipped_experiment_passes_its_check(name):
     # Composes every arm's pretraining config and the transfer config, as `synth experiment=NAME` does first.
     cfg = compose("synth_experiment", [f"experiment={name}"])
@@ -142,6 +143,11 @@ def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
     # A rerun finds everything done.
     assert main(["experiment=smoke", f"out_dir={out}"]) == 0
     assert "incomplete" not in text
+    # A copy of the tables, as another machine that ran seed 1 would hand them over (merge, below).
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "curves").mkdir(parents=True)
+    shutil.copy(out / "results.csv", elsewhere / "results.csv")
+    shutil.copy(out / "curves" / "results.csv", elsewhere / "curves" / "results.csv")
     # report_only tabulates the finished seeds and trains nothing: seed 1 made unfinished, its rows are left out.
     (out / "transfer" / "seed1" / "complete.json").unlink()
     before = sorted(p for p in out.rglob("*") if p.is_file() and "results" not in p.name and p.suffix != ".png")
@@ -150,3 +156,10 @@ def test_smoke_experiment_end_to_end_and_its_statistics(tmp_path, monkeypatch):
                   and p.suffix != ".png") == before
     assert {r.seed for r in read_results(out / "results.csv")} == {0}
     assert "incomplete: seeds [1] not done yet" in (out / "results.md").read_text()
+    # merge: seed 1's rows from the copy join seed 0's, the same table as the run that did both.
+    assert main(["experiment=smoke", f"out_dir={out}", "report_only=true", "seeds=[0]", f"merge=[{elsewhere}]"]) == 0
+    merged = (out / "results.md").read_text()
+    assert "2 seeds [0, 1]" in merged and "incomplete" not in merged
+    assert merged.split("wall time")[1].split("\n", 1)[1] == text.split("wall time")[1].split("\n", 1)[1]
+    assert {r.seed for r in read_results(out / "curves" / "results.csv")} == {0, 1}
+    assert main(["experiment=smoke", f"out_dir={out}", "report_only=true", f"merge=[{tmp_path / 'nothing'}]"]) == 2
