@@ -74,7 +74,8 @@ class ExperimentApp:
         report_only: Tabulate the seeds that are complete (every arm pretrained and transferred) and run nothing:
             the tables of a long experiment that is still running, or was stopped, without waiting for it.
         merge: Output folders (or copies of their ``results.csv`` and ``curves/results.csv``) of the same experiment
-            run elsewhere, e.g. one seed per machine: their seeds that are not in ``seeds`` join the tables. The
+            run elsewhere, e.g. one seed per machine: their seeds that are not in ``seeds`` join the tables (and their
+            curve rows, unless ``curves`` is null). The
             arms and budget must be the same; nothing checks that beyond the arm names in the table.
     """
 
@@ -237,7 +238,7 @@ def merged_results(cfg: DictConfig) -> tuple[list[ResultRow], list[ResultRow], l
         if not (folder / "results.csv").is_file():
             raise UsageError(f"merge: {folder} has no results.csv")
         rows += read_results(folder / "results.csv")
-        if (folder / "curves" / "results.csv").is_file():
+        if cfg.curves is not None and (folder / "curves" / "results.csv").is_file():
             curve_rows += read_results(folder / "curves" / "results.csv")
     seeds = sorted({r.seed for r in rows} - set(cfg.seeds))
     return [r for r in rows if r.seed in seeds], [r for r in curve_rows if r.seed in seeds], seeds
