@@ -75,8 +75,8 @@ class ExperimentApp:
             the tables of a long experiment that is still running, or was stopped, without waiting for it.
         merge: Output folders (or copies of their ``results.csv`` and ``curves/results.csv``) of the same experiment
             run elsewhere, e.g. one seed per machine: their seeds that are not in ``seeds`` join the tables (and their
-            curve rows, unless ``curves`` is null). The
-            arms and budget must be the same; nothing checks that beyond the arm names in the table.
+            curve rows, unless ``curves`` is null). The arms and budget must be the same; nothing checks that beyond
+            the arm names in the table.
     """
 
     name: str = "experiment"
@@ -256,7 +256,6 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
     if not cfg.report_only:
         prepare(cfg)
     rows, curve_rows, seeds = merged_results(cfg)
-    local = 0
     for seed in cfg.seeds:
         if cfg.report_only and not _seed_done(out, seed, cfg):
             continue
@@ -273,11 +272,10 @@ def run_experiment(cfg: DictConfig) -> list[ResultRow]:
             curve_rows += _transfer(out / "curves" / f"seed{seed}", seed, curve_points,
                                     [*_expand(cfg.transfer, out), *_expand(cfg.curves.transfer, out)])
         seeds.append(seed)
-        local += 1
         report(cfg, rows, curve_rows, sorted(seeds), minutes=(time.perf_counter() - tic) / 60)
     if not seeds:
         raise UsageError(f"{out}: no seed is complete yet (report_only=true tabulates finished seeds only)")
-    if not local:  # only merged seeds: their tables
+    if not set(seeds) & set(cfg.seeds):  # only merged seeds (none run or finished here): their tables
         report(cfg, rows, curve_rows, sorted(seeds), minutes=(time.perf_counter() - tic) / 60)
     return rows + curve_rows
 

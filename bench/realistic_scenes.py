@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from render_worker import NO_RECYCLING, RssSampler, run_ours  # bench/render_worker.py (run from this folder)
+# bench/render_worker.py (run from this folder)
+from render_worker import NO_RECYCLING, RssSampler, format_rss, run_ours
 
 
 def samplers(views: int) -> dict:
@@ -57,12 +58,8 @@ def main(argv=None) -> int:
             out = root / "rss"
             with RssSampler(out / "shard_00000" / "frames") as rss:
                 timed = run_ours(sampler, out, resolution=64, scenes=scenes, recycle_every=NO_RECYCLING)
-            r = rss.summary()
             print(f"worker RSS over {scenes * args.views} realistic tabletop frames at 64px ({timed.wall:.0f} s, no "
-                  f"recycling): {r['first'] / 2**20:.0f} MB after the first frame -> {r['last'] / 2**20:.0f} MB at the "
-                  f"end ({100 * r['growth']:+.1f}%), max {r['max'] / 2**20:.0f} MB; median of the first / last tenth "
-                  f"{r['median_first_tenth'] / 2**20:.0f} -> {r['median_last_tenth'] / 2**20:.0f} MB "
-                  f"({100 * r['median_growth']:+.1f}%; target within 10%)")
+                  f"recycling): {format_rss(rss.summary())}  (target: the median within 10%)")
     return 0
 
 

@@ -456,15 +456,17 @@ def print_resolution(resolution: int, result: dict, bare_mode: str) -> None:
     sys.stdout.flush()
 
 
-def print_rss(result: dict, recycle_every: int) -> None:
-    def line(r: dict) -> str:
-        return (f"{_mb(r['first'])} -> {_mb(r['last'])} ({100 * r['growth']:+.1f}%, max {_mb(r['max'])}; median of "
-                f"the first / last tenth {_mb(r['median_first_tenth'])} -> {_mb(r['median_last_tenth'])} "
-                f"({100 * r['median_growth']:+.1f}%); {r['workers']} worker process{'es' if r['workers'] > 1 else ''})")
+def format_rss(r: dict) -> str:
+    """One line of :meth:`RssSampler.summary`: first -> last sample, max, and the medians of the tenths."""
+    return (f"{_mb(r['first'])} -> {_mb(r['last'])} ({100 * r['growth']:+.1f}%, max {_mb(r['max'])}; median of "
+            f"the first / last tenth {_mb(r['median_first_tenth'])} -> {_mb(r['median_last_tenth'])} "
+            f"({100 * r['median_growth']:+.1f}%); {r['workers']} worker process{'es' if r['workers'] > 1 else ''})")
 
+
+def print_rss(result: dict, recycle_every: int) -> None:
     print(f"worker RSS over {result['frames']} frames ({result['scenes']} scenes, {RSS_RESOLUTION} px): "
-          f"{line(result['recycling'])} with recycling every {recycle_every} scenes; "
-          f"{line(result['no_recycling'])} without  (target: within 10% with recycling)")
+          f"{format_rss(result['recycling'])} with recycling every {recycle_every} scenes; "
+          f"{format_rss(result['no_recycling'])} without  (target: within 10% with recycling)")
     if result["scenes"] <= recycle_every:
         print(f"  note: {result['scenes']} scenes <= recycle_every={recycle_every}: no worker is replaced, "
               "so one run serves both configurations (use --rss-frames > views * recycle_every to compare)")

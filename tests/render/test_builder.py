@@ -42,7 +42,6 @@ def test_rebuilding_scenes_keeps_the_compositor_output_and_one_set_of_normal_nod
     assert counts[1]["total"] == counts[2]["total"], "each scene replaces the last scene's normal nodes"
 
 
-
 def test_tear_down_frees_every_mesh_material_image_and_the_cycles_session():
     # A scanned tabletop: textured scanned objects, a photographic table and an HDRI, i.e. every kind of data block
     # whose memory a worker must hand back before the next scene.
@@ -63,6 +62,7 @@ def test_tear_down_frees_every_mesh_material_image_and_the_cycles_session():
     assert out["before"]["meshes"] > 1 and out["before"]["images"] >= 1, out  # the scene held real assets
     assert out["after"] == {"meshes": 0, "materials": 0, "images": 0, "lights": 0}, out
     assert out["objects"] == ["Camera"] and not out["persistent"], out
+
 
 def test_objects_are_normalised_scaled_and_rest_on_their_support():
     out = run_in_blender("""
