@@ -32,6 +32,8 @@ examples:
 #: Subcommand -> app module; imported on use, so ``synth render`` does not pay for torch's import.
 COMMANDS = {"render": "apps.render", "pretrain": "apps.pretrain", "transfer": "apps.transfer", "demo": "apps.demo",
             "experiment": "apps.experiment", "adapt-images": "apps.adapt_images", "pack": "apps.pack"}
+#: Commands that train: they keep freed heap memory (:func:`synth.runtime.keep_freed_memory`).
+TRAINING_COMMANDS = ("pretrain", "transfer", "demo", "experiment", "adapt-images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"synth: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if command in TRAINING_COMMANDS:
+        from synth.runtime import keep_freed_memory
+
+        keep_freed_memory()
     try:
         importlib.import_module(COMMANDS[command]).command(args)
     except UsageError as error:

@@ -8,6 +8,8 @@ For one dataset folder (packed first if needed, with ``synth.packed.pack_dataset
   CPU; on a GPU the augmentation runs there instead);
 * samples/s through a DataLoader with the engine's StepSampler and collate, for 0, 1 and 2 workers, both paths.
 
+The process keeps freed heap memory as the ``synth`` training commands do (:func:`synth.runtime.keep_freed_memory`).
+
 Run: ``python bench/loader.py --data data/bench [--size 64] [--batch 32]``.
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from synth.data import FrameAugment, RenderedFrames, StepSampler, collate_frames
 from synth.packed import PackedFrames, pack_dataset
+from synth.runtime import keep_freed_memory
 
 
 def cpu_ms_per_sample(fn, n_samples: int, repeats: int) -> float:
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
+    keep_freed_memory()  # as every `synth` training command does
     print(f"loader, batch {args.batch} at {args.size}x{args.size}, {args.data}; CPU x{torch.get_num_threads()}")
     report(measure(args.data, size=args.size, batch=args.batch, workers=tuple(args.workers)))
 

@@ -29,6 +29,7 @@ from pretext.synthetic import ContourHead, DepthHead, NormalHead
 from synth.backbone import Backbone
 from synth.data import FrameAugment, RenderedFrames, StepSampler, collate_frames
 from synth.engine import Engine, TrainerSettings
+from synth.runtime import keep_freed_memory
 
 
 def timed(step, warmup: int, iters: int, device: torch.device) -> float:
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true",
                         help="also compare the packed loader (packs --data beside its HDF5 frames if needed)")
     args = parser.parse_args()
+    keep_freed_memory()  # as every `synth` training command does
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
 

@@ -228,9 +228,10 @@ def _intact(shard_dir: Path, record: dict, verify: bool) -> bool:
     return not verify or sha256(str(path)) == record["sha256"]
 
 
-#: glibc allocator settings that the Makefile exports for training (no page faults in the step) and that a render
-#: worker must not inherit: with them glibc never returns a freed texture's pages, and a worker's RSS grew +34% over
-#: 240 scanned-tabletop frames instead of +20% (``bench/realistic_scenes.py``, before :func:`render.worker.tear_down`).
+#: glibc allocator settings that keep freed memory (what :func:`synth.runtime.keep_freed_memory` sets inside training
+#: processes; a user may also export them) and that a render worker must not inherit: with them glibc never returns
+#: a freed texture's pages, and a worker's RSS grew +34% over 240 scanned-tabletop frames instead of +20%
+#: (``bench/realistic_scenes.py``, before :func:`render.worker.tear_down`).
 TRAINING_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 

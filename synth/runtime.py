@@ -1,6 +1,8 @@
 """Where and how a model trains: the device a config asks for, whether the CPU has native bf16, and the optimizer
 a config names, built in one place."""
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -25,6 +27,36 @@ def resolve_device(requested: str | torch.device = "auto", local_rank: int = 0) 
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``) and the values :func:`keep_freed_memory` sets: the largest ``int``.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_NEVER = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed heap memory for the next allocation instead of handing it back to the system.
+
+    A training step and a packed loader batch allocate and free the same large tensors over and over. By default
+    glibc serves each block over its (dynamic) mmap threshold with a fresh ``mmap`` and returns it on ``free``, so
+    every step page-faults its buffers in again and the kernel zeroes them: measured on 2 cores, the packed
+    loader's batch augmentation at 128 px spends 32 ms per batch of 32 with the defaults and 18 ms with this, and a
+    CPU training step ~10% less. The same settings as ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and
+    ``MALLOC_TOP_PAD_`` in the environment, set from inside the process so that every ``synth`` training command
+    (and the DataLoader workers it forks) has them however it was started. The price is a resident size that keeps
+    its high-water mark, which is why render workers (new processes, see :mod:`render.shard`) do not use it.
+
+    Returns:
+        Whether the settings took effect (False where there is no glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "mallopt"):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, _NEVER), (_M_TRIM_THRESHOLD, _NEVER), (_M_TOP_PAD, 2**30))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 #: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4) and AMX (Sapphire

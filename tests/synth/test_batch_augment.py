@@ -54,6 +54,12 @@ def test_nearest_exact_indices_are_those_of_torch():
             ramp = torch.arange(length, dtype=torch.float64).view(1, 1, length, 1)
             expected = torch.nn.functional.interpolate(ramp, size=(size, 1), mode="nearest-exact").view(-1)
             assert np.array_equal(nearest_exact_indices(3, length, size), expected.long().numpy() + 3)
+        # One call for a batch of windows: row b is the window (starts[b], lengths[b]).
+        starts, lengths = np.arange(139) % 7, np.arange(1, 140)
+        batched = nearest_exact_indices(starts, lengths, size)
+        assert batched.shape == (139, size)
+        for b in range(139):
+            assert np.array_equal(batched[b], nearest_exact_indices(int(starts[b]), int(lengths[b]), size))
 
 
 @pytest.mark.parametrize("recipe", [{}, {"train": False}, {"scale": (0.1, 0.3), "ratio": (0.5, 2.0)},
