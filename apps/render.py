@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -91,6 +92,37 @@ def job_gpus(device: str, none: int | None = 0) -> int | None:
     return none if kind != "gpu" else len(ids or [0])
 
 
+#: Most shard jobs the local launcher runs at once by default: each Blender worker holds 0.5-1.5 GB.
+MAX_LOCAL_JOBS = 4
+
+
+def local_jobs(n_frames: int | str, views: int | str, scenes_per_shard: int | str) -> int:
+    """Shard jobs the local (joblib) launcher runs at once by default: one per CPU of this process, at most
+    :data:`MAX_LOCAL_JOBS` and at most one per shard (a single shard stays in this process, without a pool).
+
+    Measured on 2 cores (64 px, 384 frames, 2 shards): two jobs of one Cycles thread each render 1.24x the frames/s
+    of one job on both cores, with identical pixels: building a scene, the denoiser's start and writing the files
+    are serial in one worker, and a second worker fills those gaps.
+    """
+    shards = n_shards(int(n_frames), int(views), int(scenes_per_shard))
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_LOCAL_JOBS, shards))
+
+
+def jobs_at_once(cfg: DictConfig) -> int:
+    """Shard jobs running at once on this machine under the local launcher (its ``n_jobs``, -1 = every CPU,
+    capped by the shard count); 1 under any other launcher or without Hydra."""
+    try:
+        launcher = HydraConfig.get().launcher
+    except ValueError:  # not inside a Hydra job
+        return 1
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    if n_jobs < 0:  # joblib's convention: -1 is every CPU, -2 all but one, ...
+        n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return max(1, min(n_jobs, shard_count(cfg)))
+
+
 def activate_line() -> str:
     """The shell line that puts this Python environment first on a batch job's PATH."""
     activate = Path(sys.prefix) / "bin" / "activate"
@@ -100,11 +132,13 @@ def activate_line() -> str:
 OmegaConf.register_new_resolver("synth_cpus", job_cpus, replace=True)
 OmegaConf.register_new_resolver("synth_gpus", job_gpus, replace=True)
 OmegaConf.register_new_resolver("synth_activate", activate_line, replace=True)
+OmegaConf.register_new_resolver("synth_local_jobs", local_jobs, replace=True)
 
 
-def allotted_threads(threads: int) -> int:
+def allotted_threads(threads: int, jobs: int = 1) -> int:
     """Cycles threads for this job: ``render.threads`` when set, else the CPUs a scheduler gave the job (Slurm's
-    ``SLURM_CPUS_PER_TASK``, Ray's assigned CPUs, or this process's CPU affinity), else 0 (all cores)."""
+    ``SLURM_CPUS_PER_TASK``, Ray's assigned CPUs, or this process's CPU affinity), shared evenly by the ``jobs``
+    that the local launcher runs at once, else 0 (all cores)."""
     if threads > 0:
         return threads
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
@@ -117,6 +151,8 @@ def allotted_threads(threads: int) -> int:
             if cpus:
                 return max(1, int(cpus))
     affinity = len(os.sched_getaffinity(0))
+    if jobs > 1:
+        return max(1, affinity // jobs)
     return affinity if affinity < (os.cpu_count() or affinity) else 0
 
 
@@ -148,7 +184,7 @@ def render_job(cfg: DictConfig) -> dict:
         raise ValueError("shard is not set: run `synth render`, which sweeps every shard, or pass shard=N")
     sampler = instantiate(cfg.scene)
     settings = instantiate(cfg.render)
-    settings.threads = allotted_threads(settings.threads)
+    settings.threads = allotted_threads(settings.threads, jobs_at_once(cfg))
     report = render_shard(
         sampler=sampler, settings=settings, out_dir=cfg.out_dir, shard=cfg.shard, seed=cfg.seed,
         n_frames=cfg.n_frames, scenes_per_shard=cfg.scenes_per_shard,

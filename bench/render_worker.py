@@ -40,12 +40,12 @@ Run (about 5 minutes with the defaults on 2 CPU cores)::
     .venv/bin/python bench/render_worker.py
     .venv/bin/python bench/render_worker.py --resolution 128 --scenes 10 --views 2 --rss-frames 1000
 
-``--denoise-prefilter NONE`` (and/or ``--denoise-quality``) renders ours and the bare loop with those
-OpenImageDenoise settings, plus a fourth way, ours with today's defaults (HIGH, ACCURATE), and prints the speed-up
-and the colour difference between the two::
+``--denoise-prefilter NONE`` (and/or ``--denoise-quality``, ``--samples``) renders ours and the bare loop with
+those settings, plus a fourth way, ours with today's defaults (16 samples, HIGH, ACCURATE), and prints the speed-up
+and the colour difference between the two. ``render=cycles_fast`` is measured with::
 
     .venv/bin/python bench/render_worker.py --resolution 64 128 --scenes 4 --views 8 --rss-frames 0 \
-        --denoise-prefilter NONE
+        --samples 8 --denoise-prefilter NONE
 
 ``--out DIR`` keeps the rendered shards, specs and logs in ``DIR`` (default: a temporary folder, removed).
 """
@@ -244,24 +244,27 @@ class Timed:
         self.cpu = self._cpu_now() - self._cpu
 
 
-#: ``--denoise-quality`` / ``--denoise-prefilter``: used by ours and by the bare loop alike (a fair ratio).
-DENOISE: dict[str, str] = {}
+#: Today's default render settings (``configs/render/cycles.yaml``), which the bench renders unless told otherwise.
+DEFAULT: dict = {"max_samples": 16, "denoiser": "INTEL", "denoise_quality": "HIGH", "denoise_prefilter": "ACCURATE"}
+#: ``--samples`` / ``--denoise-quality`` / ``--denoise-prefilter``: used by ours and by the bare loop alike (a fair
+#: ratio).
+OVERRIDES: dict = {}
 
 
-def _settings(resolution: int, recycle_every: int, denoise: dict | None = None):
+def _settings(resolution: int, recycle_every: int, overrides: dict | None = None):
     from render.worker import RenderSettings
 
-    return RenderSettings(width=resolution, height=resolution, max_samples=16, denoiser="INTEL",
-                          recycle_every=recycle_every, **(DENOISE if denoise is None else denoise))
+    chosen = OVERRIDES if overrides is None else overrides
+    return RenderSettings(width=resolution, height=resolution, recycle_every=recycle_every, **(DEFAULT | chosen))
 
 
 def run_ours(sampler, out_dir: Path, *, resolution: int, scenes: int, recycle_every: int,
-             denoise: dict | None = None) -> Timed:
-    """``render_shard`` over ``scenes`` scenes (one shard) into ``out_dir``, timed (``denoise``: the
-    denoiser settings, default :data:`DENOISE`)."""
+             overrides: dict | None = None) -> Timed:
+    """``render_shard`` over ``scenes`` scenes (one shard) into ``out_dir``, timed (``overrides``: settings that
+    differ from :data:`DEFAULT`, by default :data:`OVERRIDES`)."""
     from render.shard import render_shard
 
-    settings = _settings(resolution, recycle_every, denoise)
+    settings = _settings(resolution, recycle_every, overrides)
     with Timed() as timed:
         report = render_shard(sampler=sampler, settings=settings, out_dir=out_dir, shard=0, seed=SEED,
                               n_frames=scenes * sampler.views, scenes_per_shard=scenes, label_check_frames=0,
@@ -355,7 +358,7 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
     """
     frames = scenes * sampler.views
     spec_paths = write_specs(sampler, root / "specs", resolution=resolution, scenes=scenes)
-    ways = ["ours", "bare", "per_process"] + (["default_denoise"] if DENOISE else [])
+    ways = ["ours", "bare", "per_process"] + (["default"] if OVERRIDES else [])
     runs: dict[str, list[Timed]] = {way: [] for way in ways}
     for k in range(repeats):
         for way in ways[k % len(ways):] + ways[:k % len(ways)]:  # rotate: no way always runs first on a cold machine
@@ -364,9 +367,9 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
                 runs[way].append(run_ours(sampler, out_dir, resolution=resolution, scenes=scenes,
                                           recycle_every=NO_RECYCLING))
                 check_same_scenes(spec_paths, out_dir / "shard_00000")
-            elif way == "default_denoise":  # today's denoiser settings: what the --denoise-* flags buy
+            elif way == "default":  # today's settings: what --samples and the --denoise-* flags buy
                 runs[way].append(run_ours(sampler, out_dir, resolution=resolution, scenes=scenes,
-                                          recycle_every=NO_RECYCLING, denoise={}))
+                                          recycle_every=NO_RECYCLING, overrides={}))
             elif way == "bare":
                 runs[way].append(run_bare(spec_paths, out_dir, resolution=resolution, mode=bare_mode))
                 n_png = len(list(out_dir.glob("*.png")))
@@ -383,8 +386,8 @@ def bench_resolution(sampler, root: Path, *, resolution: int, scenes: int, repea
         "cpu_per_frame": {way: statistics.median(t.cpu for t in r) / frames for way, r in runs.items()},
         "pixels": compare_pixels(root / "ours_0" / "shard_00000", root / "bare_0", scenes=scenes,
                                  views=sampler.views),
-        "vs_default": (compare_shards(root / "ours_0" / "shard_00000", root / "default_denoise_0" / "shard_00000")
-                       if DENOISE else None),
+        "vs_default": (compare_shards(root / "ours_0" / "shard_00000", root / "default_0" / "shard_00000")
+                       if OVERRIDES else None),
     }
 
 
@@ -439,9 +442,9 @@ def print_resolution(resolution: int, result: dict, bare_mode: str) -> None:
           f"ours/per-process {cpu['per_process'] / cpu['ours']:.2f}x")
     if result.get("vs_default"):
         vs = result["vs_default"]
-        flags = " ".join(f"{k}={v}" for k, v in DENOISE.items())
-        print(f"  {flags} vs today's denoiser (HIGH, ACCURATE): {fps['ours'] / fps['default_denoise']:.2f}x fps "
-              f"({fps['default_denoise']:.2f} fps), CPU s/frame {cpu['default_denoise']:.3f}; pixels "
+        flags = " ".join(f"{k}={v}" for k, v in OVERRIDES.items())
+        print(f"  {flags} vs today's settings (16 samples, HIGH, ACCURATE): {fps['ours'] / fps['default']:.2f}x fps "
+              f"({fps['default']:.2f} fps), CPU s/frame {cpu['default']:.3f}; pixels "
               f"{vs['mean_abs_diff']:.3f}/255 off on average, max {vs['max_abs_diff']}/255 over {vs['frames']} frames")
     px = result["pixels"]
     if px["identical"] == px["frames"]:
@@ -483,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="bare loop: one render call per frame, or one animation render per scene")
     parser.add_argument("--rss-frames", type=int, default=200, help="frames of the RSS run (0 skips it)")
     parser.add_argument("--recycle-every", type=int, default=100, help="scenes per worker, recycling run")
+    parser.add_argument("--samples", type=int,
+                        help="Cycles samples of ours and the bare loop (also renders today's 16 to compare)")
     parser.add_argument("--denoise-quality", choices=["HIGH", "BALANCED", "FAST"],
                         help="OIDN quality of ours and the bare loop (also renders today's default to compare)")
     parser.add_argument("--denoise-prefilter", choices=["ACCURATE", "FAST", "NONE"],
@@ -492,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bare:
         return bare_main(args.bare)
-    DENOISE.update({k: v for k, v in (("denoise_quality", args.denoise_quality),
-                                      ("denoise_prefilter", args.denoise_prefilter)) if v})
+    OVERRIDES.update({k: v for k, v in (("max_samples", args.samples), ("denoise_quality", args.denoise_quality),
+                                        ("denoise_prefilter", args.denoise_prefilter)) if v})
 
     from synth.sampling import TabletopScene
 
@@ -506,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="bench-render-worker-"))
     try:
-        print(f"tabletop scenes, physics off, {args.views} views, 16 samples + OIDN, {os.cpu_count()} CPUs, "
+        print(f"tabletop scenes, physics off, {args.views} views, {DEFAULT | OVERRIDES}, {os.cpu_count()} CPUs, "
               f"repeats={args.repeats}, load average {os.getloadavg()[0]:.1f}")
         for resolution in args.resolution:
             result = bench_resolution(sampler, root / f"r{resolution}", resolution=resolution,

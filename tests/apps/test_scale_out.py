@@ -2,6 +2,7 @@
 monitors, pictures, end), two nodes on loopback resuming from a shared and a non-shared folder, streaming next to a
 render, the Slurm and Ray launcher configs (a fake ``sbatch`` that runs the job here), devices."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,6 +167,35 @@ def test_launcher_configs_size_jobs_from_the_render_settings():
             assert (ray.remote.num_cpus, ray.remote.num_gpus) == (4, 2)
     finally:
         GlobalHydra.instance().clear()
+
+
+def test_the_local_launcher_runs_a_job_per_cpu_and_splits_the_cpus_between_them(monkeypatch):
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    import apps.render
+    from apps.launch import compose
+
+    monkeypatch.setattr(apps.render.os, "sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.setattr(apps.render.os, "cpu_count", lambda: 6)
+    try:
+        # 6 CPUs; shards of 10 scenes x 2 views: jobs = min(CPUs, 4, shards).
+        for frames, jobs in ((20, 1), (40, 2), (200, 4)):
+            cfg = compose("synth_render", [f"n_frames={frames}", "scene.views=2", "scenes_per_shard=10"])
+            assert cfg.hydra.launcher.n_jobs == jobs
+        assert compose("synth_render", ["hydra.launcher.n_jobs=3"]).hydra.launcher.n_jobs == 3
+        # render=cycles_fast is render=cycles with fewer samples and no guide prefilter, nothing else.
+        default, fast = (instantiate(compose("synth_render", [f"render={name}"]).render)
+                         for name in ("cycles", "cycles_fast"))
+        assert (fast.max_samples, fast.denoise_prefilter) == (8, "NONE")
+        assert dataclasses.replace(fast, max_samples=16, denoise_prefilter="ACCURATE") == default
+    finally:
+        GlobalHydra.instance().clear()
+    # render.threads=0 shares the CPUs between the jobs running at once; a number given stays.
+    assert apps.render.allotted_threads(0, jobs=1) == 0  # every core: Cycles counts them itself
+    assert apps.render.allotted_threads(0, jobs=2) == 3
+    assert apps.render.allotted_threads(0, jobs=4) == 1
+    assert apps.render.allotted_threads(2, jobs=4) == 2
 
 
 def _has(module: str) -> bool:
