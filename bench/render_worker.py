@@ -244,24 +244,29 @@ class Timed:
         self.cpu = self._cpu_now() - self._cpu
 
 
-#: Today's default render settings (``configs/render/cycles.yaml``), which the bench renders unless told otherwise.
-DEFAULT: dict = {"max_samples": 16, "denoiser": "INTEL", "denoise_quality": "HIGH", "denoise_prefilter": "ACCURATE"}
 #: ``--samples`` / ``--denoise-quality`` / ``--denoise-prefilter``: used by ours and by the bare loop alike (a fair
-#: ratio).
+#: ratio); everything else is :class:`render.worker.RenderSettings`' default (``render=cycles``).
 OVERRIDES: dict = {}
+#: The settings those flags change, as the bench prints them.
+QUALITY_KEYS = ("max_samples", "denoiser", "denoise_quality", "denoise_prefilter")
 
 
 def _settings(resolution: int, recycle_every: int, overrides: dict | None = None):
     from render.worker import RenderSettings
 
     chosen = OVERRIDES if overrides is None else overrides
-    return RenderSettings(width=resolution, height=resolution, recycle_every=recycle_every, **(DEFAULT | chosen))
+    return RenderSettings(width=resolution, height=resolution, recycle_every=recycle_every, **chosen)
+
+
+def describe(settings) -> str:
+    """``max_samples=16 denoiser=INTEL ...``: the :data:`QUALITY_KEYS` of a RenderSettings."""
+    return " ".join(f"{key}={getattr(settings, key)}" for key in QUALITY_KEYS)
 
 
 def run_ours(sampler, out_dir: Path, *, resolution: int, scenes: int, recycle_every: int,
              overrides: dict | None = None) -> Timed:
     """``render_shard`` over ``scenes`` scenes (one shard) into ``out_dir``, timed (``overrides``: settings that
-    differ from :data:`DEFAULT`, by default :data:`OVERRIDES`)."""
+    differ from RenderSettings' defaults, by default :data:`OVERRIDES`)."""
     from render.shard import render_shard
 
     settings = _settings(resolution, recycle_every, overrides)
@@ -443,7 +448,8 @@ def print_resolution(resolution: int, result: dict, bare_mode: str) -> None:
     if result.get("vs_default"):
         vs = result["vs_default"]
         flags = " ".join(f"{k}={v}" for k, v in OVERRIDES.items())
-        print(f"  {flags} vs today's settings (16 samples, HIGH, ACCURATE): {fps['ours'] / fps['default']:.2f}x fps "
+        print(f"  {flags} vs today's settings ({describe(_settings(resolution, NO_RECYCLING, {}))}): "
+              f"{fps['ours'] / fps['default']:.2f}x fps "
               f"({fps['default']:.2f} fps), CPU s/frame {cpu['default']:.3f}; pixels "
               f"{vs['mean_abs_diff']:.3f}/255 off on average, max {vs['max_abs_diff']}/255 over {vs['frames']} frames")
     px = result["pixels"]
@@ -511,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="bench-render-worker-"))
     try:
-        print(f"tabletop scenes, physics off, {args.views} views, {DEFAULT | OVERRIDES}, {os.cpu_count()} CPUs, "
+        settings = describe(_settings(args.resolution[0], NO_RECYCLING))
+        print(f"tabletop scenes, physics off, {args.views} views, {settings}, {os.cpu_count()} CPUs, "
               f"repeats={args.repeats}, load average {os.getloadavg()[0]:.1f}")
         for resolution in args.resolution:
             result = bench_resolution(sampler, root / f"r{resolution}", resolution=resolution,

@@ -56,7 +56,8 @@ def keep_freed_memory() -> bool:
     if not hasattr(libc, "mallopt"):
         return False
     settings = ((_M_MMAP_THRESHOLD, _NEVER), (_M_TRIM_THRESHOLD, _NEVER), (_M_TOP_PAD, 2**30))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    accepted = [libc.mallopt(param, value) == 1 for param, value in settings]  # all three, even if one is refused
+    return all(accepted)
 
 
 #: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4) and AMX (Sapphire
